@@ -1,0 +1,201 @@
+"""The ``muralist`` command line.
+
+Every subcommand builds the same ``GenerationRequest`` the APIs build; user errors print one
+line and exit with code 2, never a traceback. Heavy imports (torch, diffusers) happen inside
+the commands that need them, so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def _add_dirs(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("folders (A1111 layout)")
+    g.add_argument("--data-dir", help="data folder (default: ./data or $MURALIST_DATA_DIR)")
+    g.add_argument("--ckpt-dir", help="checkpoints folder (default: DATA/models/Stable-diffusion)")
+    g.add_argument("--vae-dir", help="VAE folder (default: DATA/models/VAE)")
+    g.add_argument("--lora-dir", help="LoRA folder (default: DATA/models/Lora)")
+    g.add_argument("--embeddings-dir", help="embeddings folder (default: DATA/embeddings)")
+
+
+def _dirs(args: argparse.Namespace) -> Any:
+    from .paths import DataDirs
+
+    return DataDirs.from_options(args.data_dir, args.ckpt_dir, args.vae_dir, args.lora_dir, args.embeddings_dir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="muralist", description="Self-hosted Stable Diffusion with A1111 conventions.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="txt2img: generate images from a prompt")
+    g.add_argument("prompt")
+    g.add_argument("--negative-prompt", default="")
+    g.add_argument("--model", help="checkpoint title, name or hash (default: the first checkpoint)")
+    g.add_argument("--vae", help="VAE file name (default: the checkpoint's own)")
+    g.add_argument("--sampler", default="Euler a", help="A1111 sampler name (default: Euler a)")
+    g.add_argument("--scheduler", default=None, help="schedule type: Automatic, Karras, Exponential, SGM Uniform...")
+    g.add_argument("--steps", type=int, default=20)
+    g.add_argument("--cfg-scale", type=float, default=7.0)
+    g.add_argument("--seed", type=int, default=-1)
+    g.add_argument("--subseed", type=int, default=-1, help="variation seed")
+    g.add_argument("--subseed-strength", type=float, default=0.0, help="variation strength (0-1)")
+    g.add_argument("--seed-resize-from", default=None, metavar="WxH", help="make the noise as if the size were WxH")
+    g.add_argument("--width", type=int, default=512)
+    g.add_argument("--height", type=int, default=512)
+    g.add_argument("--batch-size", type=int, default=1)
+    g.add_argument("--n-iter", type=int, default=1, help="batch count")
+    g.add_argument("--clip-skip", type=int, default=1)
+    g.add_argument("--tiling", action="store_true")
+    g.add_argument("--eta", type=float, default=None)
+    g.add_argument("--out", type=Path, default=None, help="folder for the images (default: DATA/outputs/txt2img-images/DATE)")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_dirs(g)
+
+    m = sub.add_parser("models", help="list or create models")
+    msub = m.add_subparsers(dest="models_command", required=True)
+    ml = msub.add_parser("list", help="list checkpoints: title, family, hash, size")
+    _add_dirs(ml)
+    mt = msub.add_parser("make-tiny", help="write tiny random-weight SD1/SD2/SDXL models (for trying muralist out)")
+    _add_dirs(mt)
+
+    pi = sub.add_parser("png-info", help="print the A1111 infotext stored in an image")
+    pi.add_argument("file", type=Path)
+    return parser
+
+
+def _seed_resize(value: str | None) -> tuple[int, int]:
+    from .errors import InvalidRequestError
+
+    if not value:
+        return -1, -1
+    try:
+        w, h = (int(x) for x in value.lower().split("x"))
+    except ValueError:
+        raise InvalidRequestError(f"--seed-resize-from must look like 512x768, got {value!r}") from None
+    return w, h
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .request import parse_request
+
+    w, h = _seed_resize(args.seed_resize_from)
+    req = parse_request(
+        {
+            "prompt": args.prompt,
+            "negative_prompt": args.negative_prompt,
+            "model": args.model,
+            "vae": args.vae,
+            "sampler_name": args.sampler,
+            "scheduler": args.scheduler,
+            "steps": args.steps,
+            "cfg_scale": args.cfg_scale,
+            "seed": args.seed,
+            "subseed": args.subseed,
+            "subseed_strength": args.subseed_strength,
+            "seed_resize_from_w": w,
+            "seed_resize_from_h": h,
+            "width": args.width,
+            "height": args.height,
+            "batch_size": args.batch_size,
+            "n_iter": args.n_iter,
+            "clip_skip": args.clip_skip,
+            "tiling": args.tiling,
+            "eta": args.eta,
+        }
+    )
+    from .engine import samplers
+
+    samplers.resolve(req.sampler_name, req.scheduler)  # fail on a bad name before loading anything
+    from tqdm import tqdm
+
+    from .engine.engine import Engine
+
+    engine = Engine(_dirs(args), device=args.device)
+    bar = None if args.quiet else tqdm(total=req.steps * req.n_iter, unit="step", file=sys.stderr, leave=False)
+
+    def progress(p: Any) -> None:
+        if bar is not None:
+            bar.n = p.batch * p.steps + p.step
+            bar.refresh()
+
+    try:
+        saved = engine.generate(req, progress=progress, save_to=args.out)
+    finally:
+        if bar is not None:
+            bar.close()
+    for path in saved.paths:
+        print(path)
+    for w_ in saved.result.warnings:
+        print(f"warning: {w_}", file=sys.stderr)
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from .models.registry import ModelRegistry
+
+    dirs = _dirs(args)
+    reg = ModelRegistry(dirs)
+    ckpts = reg.checkpoints()
+    if not ckpts:
+        print(f"no checkpoints in {dirs.ckpt_dir} (put .safetensors/.ckpt files there)", file=sys.stderr)
+    rows = [(c.title, c.kind.label, c.shorthash, f"{c.size / 2**20:.1f} MiB") for c in ckpts]
+    widths = [max([len(r[i]) for r in rows] + [len(h)]) for i, h in enumerate(("TITLE", "FAMILY", "HASH", "SIZE"))]
+    if rows:
+        print("  ".join(h.ljust(w) for h, w in zip(("TITLE", "FAMILY", "HASH", "SIZE"), widths, strict=True)))
+        for r in rows:
+            print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
+    for path, why in reg.skipped():
+        print(f"skipped {path}: {why}", file=sys.stderr)
+    return 0
+
+
+def cmd_make_tiny(args: argparse.Namespace) -> int:
+    from .models.tiny import make_tiny_models
+
+    dirs = _dirs(args)
+    for p in make_tiny_models(dirs.ckpt_dir, dirs.vae_dir):
+        print(p)
+    return 0
+
+
+def cmd_png_info(args: argparse.Namespace) -> int:
+    from .errors import MuralistError
+    from .infotext import read_infotext
+
+    if not args.file.is_file():
+        raise MuralistError(f"{args.file}: no such file")
+    text = read_infotext(args.file)
+    if text is None:
+        raise MuralistError(f"{args.file} carries no generation parameters (no A1111 infotext)")
+    print(text)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .errors import MuralistError
+
+    handlers = {
+        "generate": cmd_generate,
+        "png-info": cmd_png_info,
+        "models": lambda a: {"list": cmd_models_list, "make-tiny": cmd_make_tiny}[a.models_command](a),
+    }
+    try:
+        return handlers[args.command](args)
+    except MuralistError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

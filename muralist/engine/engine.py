@@ -1,0 +1,140 @@
+"""The engine: a request in, saved images out.
+
+It resolves the request's model and VAE names through the registry, takes the loaded model from
+its cache (loading it if needed), runs the generation and saves A1111-named PNGs carrying the
+infotext. The request is the only input that varies between jobs: the engine keeps no "current
+model" setting that one job could change for another.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from ..infotext import save_png
+from ..models.loader import LoadedModel, load_checkpoint, load_vae, pick_device
+from ..models.registry import CheckpointInfo, ModelRegistry, VaeInfo
+from ..paths import DataDirs
+from ..request import GenerationRequest
+from .txt2img import GenerationResult, Identity, JobControl, ProgressFn, txt2img
+
+_NUMBERED = re.compile(r"^(\d+)-")
+
+
+@dataclass
+class SavedResult:
+    result: GenerationResult
+    paths: list[Path] = field(default_factory=list)
+    model: CheckpointInfo | None = None
+    vae: VaeInfo | None = None
+
+
+def next_sequence_number(folder: Path) -> int:
+    """A1111's numbering: one more than the highest ``NNNNN-`` prefix in the folder."""
+    highest = -1
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if m := _NUMBERED.match(p.name):
+                highest = max(highest, int(m[1]))
+    return highest + 1
+
+
+class ModelCache:
+    """Loaded checkpoints and VAEs, least recently used evicted first.
+
+    Keyed by file path and content hash, so a replaced file is never served from a stale entry.
+    """
+
+    def __init__(self, max_models: int = 1, max_vaes: int = 2, device: str | None = None) -> None:
+        self.max_models = max_models
+        self.max_vaes = max_vaes
+        self.device, _ = pick_device(device)
+        self._models: OrderedDict[tuple[str, str], LoadedModel] = OrderedDict()
+        self._vaes: OrderedDict[tuple[str, str, str], Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def model(self, info: CheckpointInfo) -> LoadedModel:
+        key = (str(info.path), info.sha256)
+        with self._lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+        loaded = load_checkpoint(info.path, info.kind, info.prediction_type, str(self.device))
+        with self._lock:
+            self._models[key] = loaded
+            while len(self._models) > self.max_models:
+                self._models.popitem(last=False)
+        return loaded
+
+    def vae(self, info: VaeInfo, model: LoadedModel) -> Any:
+        key = (str(info.path), info.sha256, model.family.value)
+        with self._lock:
+            if key in self._vaes:
+                self._vaes.move_to_end(key)
+                return self._vaes[key]
+        vae = load_vae(info.path, model.family, model.device)
+        with self._lock:
+            self._vaes[key] = vae
+            while len(self._vaes) > self.max_vaes:
+                self._vaes.popitem(last=False)
+        return vae
+
+    def loaded(self) -> list[tuple[str, str]]:
+        with self._lock:
+            return list(self._models)
+
+
+class Engine:
+    """Runs generation requests against the models of one data folder."""
+
+    def __init__(
+        self,
+        dirs: DataDirs | None = None,
+        registry: ModelRegistry | None = None,
+        cache: ModelCache | None = None,
+        device: str | None = None,
+    ) -> None:
+        self.dirs = dirs or DataDirs.from_options()
+        self.registry = registry or ModelRegistry(self.dirs)
+        self.cache = cache or ModelCache(device=device)
+
+    def resolve_model(self, req: GenerationRequest) -> CheckpointInfo:
+        return self.registry.find_checkpoint(req.model) if req.model else self.registry.default_checkpoint()
+
+    def generate(
+        self,
+        req: GenerationRequest,
+        control: JobControl | None = None,
+        progress: ProgressFn | None = None,
+        save_to: Path | None = None,
+        on_saved: Callable[[Path], None] | None = None,
+    ) -> SavedResult:
+        """Run a txt2img request and save its images (in ``save_to`` or A1111's dated outputs folder)."""
+        info = self.resolve_model(req)
+        vae_info = self.registry.find_vae(req.vae) if req.vae else None
+        model = self.cache.model(info)
+        vae = self.cache.vae(vae_info, model) if vae_info else None
+        result = txt2img(
+            model,
+            req,
+            Identity(info.model_name, info.shorthash),
+            vae,
+            Identity(vae_info.name, vae_info.shorthash) if vae_info else None,
+            control,
+            progress,
+        )
+        folder = save_to or self.dirs.outputs_dir / "txt2img-images" / date.today().isoformat()
+        saved = SavedResult(result, [], info, vae_info)
+        number = next_sequence_number(folder)
+        for i, (img, text, seed) in enumerate(zip(result.images, result.infotexts, result.seeds, strict=True)):
+            path = save_png(img, folder / f"{number + i:05d}-{seed}.png", text)
+            saved.paths.append(path)
+            if on_saved is not None:
+                on_saved(path)
+        return saved

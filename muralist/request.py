@@ -1,0 +1,78 @@
+"""The one request model every entry point builds (CLI, native API, A1111 API, web UI).
+
+Field names are A1111's, so an A1111 client's JSON maps onto it directly. A request carries
+everything its job needs — model, VAE, sampler, seeds — so no global setting can change it after
+it was made. Unknown fields are ignored, as A1111's API does (clients send legacy ones).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import InvalidRequestError
+
+MAX_SIDE = 4096
+
+
+class GenerationRequest(BaseModel):
+    """A txt2img request with A1111's field names and API defaults (where the CLI differs it says so)."""
+
+    model_config = ConfigDict(extra="ignore", validate_assignment=True)
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    styles: list[str] = Field(default_factory=list)
+    seed: int = Field(-1, ge=-1, le=2**32 - 1, description="-1: random")
+    subseed: int = Field(-1, ge=-1, le=2**32 - 1, description="variation seed; -1: random")
+    subseed_strength: float = Field(0.0, ge=0.0, le=1.0)
+    seed_resize_from_h: int = Field(-1, ge=-1, le=MAX_SIDE)
+    seed_resize_from_w: int = Field(-1, ge=-1, le=MAX_SIDE)
+    sampler_name: str | None = Field(None, description="A1111 sampler name, e.g. 'Euler a', 'DPM++ 2M'")
+    scheduler: str | None = Field(None, description="schedule type, e.g. 'Automatic', 'Karras'")
+    batch_size: int = Field(1, ge=1, le=16)
+    n_iter: int = Field(1, ge=1, le=100, description="batch count")
+    steps: int = Field(20, ge=1, le=150)
+    cfg_scale: float = Field(7.0, ge=0.0, le=100.0)
+    width: int = Field(512, ge=64, le=MAX_SIDE)
+    height: int = Field(512, ge=64, le=MAX_SIDE)
+    clip_skip: int = Field(1, ge=1, le=12)
+    tiling: bool = False
+    eta: float | None = Field(None, ge=0.0, le=1.0)
+    model: str | None = Field(None, description="checkpoint title, name or hash; None: the default")
+    vae: str | None = Field(None, description="VAE file name; None/'Automatic': the checkpoint's own")
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_8(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError(f"must be a multiple of 8 (got {v}; try {v - v % 8} or {v - v % 8 + 8})")
+        return v
+
+    @field_validator("vae")
+    @classmethod
+    def _vae_auto(cls, v: str | None) -> str | None:
+        # A1111's sd_vae values that mean "the checkpoint's own VAE".
+        return None if v is None or v.strip() in ("", "Automatic", "None") else v
+
+    @property
+    def total_images(self) -> int:
+        return self.batch_size * self.n_iter
+
+
+def parse_request(data: dict[str, Any]) -> GenerationRequest:
+    """Validate a request; errors name the field and the rule (``InvalidRequestError``)."""
+    try:
+        return GenerationRequest.model_validate(data)
+    except ValidationError as e:
+        raise InvalidRequestError(describe_validation_error(e)) from None
+
+
+def describe_validation_error(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        field = ".".join(str(x) for x in err["loc"]) or "request"
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{field}: {msg}")
+    return "; ".join(parts)
