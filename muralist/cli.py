@@ -118,17 +118,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .engine.engine import Engine
 
     engine = Engine(_dirs(args), device=args.device)
-    bar = None if args.quiet else tqdm(total=req.steps * req.n_iter, unit="step", file=sys.stderr, leave=False)
+    bars: list[Any] = []  # created at the first step, so errors before sampling print alone
 
     def progress(p: Any) -> None:
-        if bar is not None:
-            bar.n = p.batch * p.steps + p.step
-            bar.refresh()
+        if args.quiet:
+            return
+        if not bars:
+            bars.append(tqdm(total=req.steps * req.n_iter, unit="step", file=sys.stderr, leave=False))
+        bars[0].n = p.batch * p.steps + p.step
+        bars[0].refresh()
 
     try:
         saved = engine.generate(req, progress=progress, save_to=args.out)
     finally:
-        if bar is not None:
+        for bar in bars:
             bar.close()
     for path in saved.paths:
         print(path)

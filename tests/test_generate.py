@@ -1,0 +1,261 @@
+"""txt2img through the public Python API (Engine) on tiny real-architecture models."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from muralist.engine import samplers
+from muralist.engine.txt2img import Interrupted, JobControl
+from muralist.errors import InvalidRequestError, NotFoundError
+from muralist.infotext import A1111_PARAM_RE, parse_infotext, read_infotext
+from muralist.request import GenerationRequest, parse_request
+from tests.conftest import pixels
+
+
+def req(**kw) -> GenerationRequest:
+    base = dict(prompt="a red fox in the snow", width=64, height=64, steps=8, seed=1234, model="tiny-sd15.safetensors")
+    base.update(kw)
+    return GenerationRequest(**base)
+
+
+def run(engine, tmp_path: Path, **kw):
+    return engine.generate(req(**kw), save_to=tmp_path)
+
+
+def test_same_seed_same_pixels_and_next_seed_differs(engine, tmp_path: Path) -> None:
+    a = run(engine, tmp_path, seed=77).result.images[0]
+    b = run(engine, tmp_path, seed=77).result.images[0]
+    c = run(engine, tmp_path, seed=78).result.images[0]
+    assert np.array_equal(pixels(a), pixels(b))
+    assert np.abs(pixels(a) - pixels(c)).mean() > 5
+
+
+@pytest.mark.parametrize("sampler", ["Euler a", "DPM++ SDE", "DPM++ 2M SDE", "DDIM"])
+def test_batch_of_two_equals_two_single_runs(engine, tmp_path: Path, sampler: str) -> None:
+    """One noise generator per image: image i of a batch equals a single run with seed+i."""
+    batch = run(engine, tmp_path, seed=500, batch_size=2, sampler_name=sampler).result
+    assert batch.seeds == [500, 501]
+    single0 = run(engine, tmp_path, seed=500, sampler_name=sampler).result.images[0]
+    single1 = run(engine, tmp_path, seed=501, sampler_name=sampler).result.images[0]
+    # Batched matrix products round differently in the last float bit: allow 1/255 on some pixels
+    # (an image from another seed differs by ~60/255 on average).
+    for got, want in ((batch.images[0], single0), (batch.images[1], single1)):
+        diff = np.abs(pixels(got) - pixels(want))
+        assert diff.max() <= 1 and diff.mean() < 0.1
+    assert np.abs(pixels(batch.images[0]) - pixels(batch.images[1])).mean() > 5
+
+
+def test_n_iter_continues_seeds_and_names_files_like_a1111(engine, tmp_path: Path) -> None:
+    saved = run(engine, tmp_path, seed=10, batch_size=2, n_iter=2, steps=2)
+    assert saved.result.seeds == [10, 11, 12, 13]
+    assert [p.name for p in saved.paths] == ["00000-10.png", "00001-11.png", "00002-12.png", "00003-13.png"]
+    again = run(engine, tmp_path, seed=20, steps=2)
+    assert again.paths[0].name == "00004-20.png"
+
+
+@pytest.mark.parametrize("sampler", [s.name for s in samplers.SAMPLERS])
+def test_every_sampler_runs_without_nan(engine, tmp_path: Path, sampler: str) -> None:
+    res = run(engine, tmp_path, sampler_name=sampler, steps=4).result
+    arr = pixels(res.images[0])
+    assert arr.shape == (64, 64, 3) and arr.std() > 0
+    assert f"Sampler: {sampler}," in res.infotexts[0]
+
+
+@pytest.mark.parametrize(
+    "model,family",
+    [("tiny-sd15.safetensors", "SD1"), ("tiny-sd21", "SD2"), ("tiny-sdxl", "SDXL"), ("tiny-sd15-inpainting", "SD1 inpainting")],
+)
+def test_each_family_generates_and_the_image_names_its_model(engine, tmp_path: Path, model: str, family: str) -> None:
+    saved = run(engine, tmp_path, model=model, steps=3, width=72, height=64)
+    info = saved.model
+    assert saved.result.images[0].size == (72, 64)
+    text = read_infotext(saved.paths[0])
+    params = parse_infotext(text)
+    assert params["Model"] == info.model_name and params["Model hash"] == info.shorthash
+    assert params["Size-1"] == "72" and params["Size-2"] == "64"
+
+
+def test_infotext_is_read_by_a1111_regex(engine, tmp_path: Path) -> None:
+    saved = run(
+        engine,
+        tmp_path,
+        prompt="a castle, (detailed:1.2), at night",
+        negative_prompt="blurry, low quality\nwatermark",
+        subseed=99,
+        subseed_strength=0.3,
+        seed_resize_from_w=128,
+        seed_resize_from_h=96,
+        clip_skip=2,
+        tiling=True,
+        sampler_name="DPM++ 2M",
+        scheduler="Karras",
+        vae="tiny-vae.safetensors",
+        steps=3,
+    )
+    text = read_infotext(saved.paths[0])
+    lines = text.split("\n")
+    assert lines[0] == "a castle, (detailed:1.2), at night"
+    assert lines[1] == "Negative prompt: blurry, low quality" and lines[2] == "watermark"
+    found = {m.group(1): m.group(2) for m in A1111_PARAM_RE.finditer(lines[-1])}
+    vae = saved.vae
+    expected = {
+        "Steps": "3",
+        "Sampler": "DPM++ 2M",
+        "Schedule type": "Karras",
+        "CFG scale": "7",
+        "Seed": "1234",
+        "Size": "64x64",
+        "Model hash": saved.model.shorthash,
+        "Model": "tiny-sd15",
+        "VAE hash": vae.shorthash,
+        "VAE": "tiny-vae.safetensors",
+        "Variation seed": "99",
+        "Variation seed strength": "0.3",
+        "Seed resize from": "128x96",
+        "Clip skip": "2",
+        "RNG": "CPU",
+        "Tiling": "True",
+    }
+    for k, v in expected.items():
+        assert found.get(k) == v, (k, found.get(k))
+    keys = list(found)
+    order = ["Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model", "VAE hash", "VAE",
+             "Variation seed", "Variation seed strength", "Seed resize from", "Clip skip", "RNG", "Tiling", "Version"]
+    assert [k for k in keys if k in order] == order
+    parsed = parse_infotext(text)
+    assert parsed["Negative prompt"] == "blurry, low quality\nwatermark"
+
+
+@pytest.mark.parametrize(
+    "change",
+    [dict(subseed=5, subseed_strength=0.5), dict(clip_skip=2), dict(tiling=True), dict(vae="tiny-vae"),
+     dict(seed_resize_from_w=96, seed_resize_from_h=96), dict(cfg_scale=3.0), dict(negative_prompt="snow")],
+)
+def test_options_change_the_image(engine, tmp_path: Path, change: dict) -> None:
+    base = pixels(run(engine, tmp_path).result.images[0])
+    changed = pixels(run(engine, tmp_path, **change).result.images[0])
+    assert np.abs(base - changed).mean() > 0.5
+
+
+def test_variation_strength_zero_is_the_plain_seed(engine, tmp_path: Path) -> None:
+    base = pixels(run(engine, tmp_path).result.images[0])
+    same = pixels(run(engine, tmp_path, subseed=5, subseed_strength=0.0).result.images[0])
+    assert np.array_equal(base, same)
+
+
+def test_ckpt_and_safetensors_of_the_same_weights_give_the_same_image(engine, tmp_path: Path) -> None:
+    a = run(engine, tmp_path, model="tiny-sd15.safetensors").result.images[0]
+    b = run(engine, tmp_path, model="same-as-sd15.ckpt").result.images[0]
+    assert np.array_equal(pixels(a), pixels(b))
+
+
+def test_v_prediction_sidecar_changes_sd2_output(a1111_models: Path, tmp_path: Path) -> None:
+    from muralist.engine.engine import Engine, ModelCache
+    from muralist.paths import DataDirs
+
+    root = tmp_path / "data"
+    ckpt = root / "models" / "Stable-diffusion"
+    ckpt.mkdir(parents=True)
+    shutil.copy(a1111_models / "models" / "Stable-diffusion" / "tiny-sd21.safetensors", ckpt / "v.safetensors")
+    shutil.copy(a1111_models / "models" / "Stable-diffusion" / "tiny-sd21.safetensors", ckpt / "eps.safetensors")
+    (ckpt / "v.yaml").write_text("model:\n  params:\n    parameterization: \"v\"\n")
+    eng = Engine(DataDirs.from_options(root), cache=ModelCache(max_models=2, device="cpu"))
+    assert eng.registry.find_checkpoint("v").prediction_type == "v_prediction"
+    v = pixels(eng.generate(req(model="v"), save_to=tmp_path).result.images[0])
+    e = pixels(eng.generate(req(model="eps"), save_to=tmp_path).result.images[0])
+    assert np.abs(v - e).mean() > 0.5
+
+
+def test_interrupt_stops_the_job_and_saves_nothing(engine, tmp_path: Path) -> None:
+    control = JobControl()
+    steps_seen = []
+
+    def progress(p) -> None:
+        steps_seen.append(p.step)
+        if p.step == 2:
+            control.interrupt()
+
+    with pytest.raises(Interrupted):
+        engine.generate(req(steps=8), control=control, progress=progress, save_to=tmp_path)
+    assert max(steps_seen) == 2
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_skip_drops_the_current_batch_only(engine, tmp_path: Path) -> None:
+    control = JobControl()
+
+    def progress(p) -> None:
+        if p.batch == 0 and p.step == 1:
+            control.skip()
+
+    saved = engine.generate(req(steps=3, n_iter=2), control=control, progress=progress, save_to=tmp_path)
+    assert saved.result.seeds == [1235]
+    assert "skipped" in saved.result.warnings[0]
+
+
+def test_progress_reports_steps_and_eta(engine, tmp_path: Path) -> None:
+    seen = []
+    engine.generate(req(steps=4, n_iter=2), progress=lambda p: seen.append((p.batch, p.step, p.fraction)), save_to=tmp_path)
+    assert [(b, s) for b, s, _ in seen] == [(0, 1), (0, 2), (0, 3), (0, 4), (1, 1), (1, 2), (1, 3), (1, 4)]
+    assert seen[-1][2] == pytest.approx(1.0)
+
+
+def test_random_seed_is_recorded(engine, tmp_path: Path) -> None:
+    saved = run(engine, tmp_path, seed=-1, steps=2)
+    seed = saved.result.seeds[0]
+    assert 0 <= seed < 4294967294
+    assert re.search(rf"Seed: {seed},", saved.result.infotexts[0])
+    assert saved.paths[0].name.endswith(f"-{seed}.png")
+
+
+@pytest.mark.parametrize(
+    "bad,msg",
+    [
+        (dict(width=500), "width: must be a multiple of 8"),
+        (dict(steps=0), "steps"),
+        (dict(cfg_scale=-1), "cfg_scale"),
+        (dict(subseed_strength=2), "subseed_strength"),
+    ],
+)
+def test_bad_request_fields_are_named(bad: dict, msg: str) -> None:
+    with pytest.raises(InvalidRequestError, match=msg):
+        parse_request({"prompt": "x", **bad})
+
+
+def test_unknown_names_suggest_choices(engine) -> None:
+    with pytest.raises(NotFoundError, match="tiny-sd15"):
+        engine.resolve_model(req(model="tinny-sd15"))
+    with pytest.raises(NotFoundError, match="Euler a"):
+        samplers.resolve("Eular a")
+    with pytest.raises(InvalidRequestError, match="not available"):
+        samplers.resolve("DPM fast")
+
+
+def test_legacy_sampler_names() -> None:
+    c = samplers.resolve("DPM++ 2M Karras")
+    assert (c.sampler.name, c.schedule_label) == ("DPM++ 2M", "Karras")
+    assert samplers.resolve("k_euler_a").sampler.name == "Euler a"
+    assert samplers.resolve("DPM++ 2M", "Automatic").schedule_label == "Karras"
+    assert samplers.resolve("Euler", "sgm_uniform").schedule_label == "SGM Uniform"
+
+
+def test_one_loaded_model_serves_threads_one_job_at_a_time(engine, tmp_path: Path) -> None:
+    """Two threads on the same loaded model still get their own seeds' images."""
+    results: dict[int, np.ndarray] = {}
+
+    def work(seed: int) -> None:
+        results[seed] = pixels(engine.generate(req(seed=seed, steps=3), save_to=tmp_path / str(seed)).result.images[0])
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    alone = pixels(run(engine, tmp_path, seed=2, steps=3).result.images[0])
+    assert np.array_equal(results[2], alone)
