@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="txt2img: generate images from a prompt")
     g.add_argument("prompt")
     g.add_argument("--negative-prompt", default="")
+    g.add_argument("--style", action="append", default=[], help="a style from DATA/styles.csv (repeatable)")
     g.add_argument("--model", help="checkpoint title, name or hash (default: the first checkpoint)")
     g.add_argument("--vae", help="VAE file name (default: the checkpoint's own)")
     g.add_argument("--sampler", default="Euler a", help="A1111 sampler name (default: Euler a)")
@@ -90,6 +91,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         {
             "prompt": args.prompt,
             "negative_prompt": args.negative_prompt,
+            "styles": args.style,
             "model": args.model,
             "vae": args.vae,
             "sampler_name": args.sampler,
@@ -135,7 +137,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             bar.close()
     for path in saved.paths:
         print(path)
-    for w_ in saved.result.warnings:
+    for w_ in saved.result.warnings:  # e.g. an unknown LoRA name, with the closest names
         print(f"warning: {w_}", file=sys.stderr)
     return 0
 

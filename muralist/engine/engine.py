@@ -18,11 +18,16 @@ from pathlib import Path
 from typing import Any
 
 from ..infotext import save_png
+from ..models.family import Family
 from ..models.loader import LoadedModel, load_checkpoint, load_vae, pick_device
 from ..models.registry import CheckpointInfo, ModelRegistry, VaeInfo
+from ..networks.lora import LoraRegistry
 from ..paths import DataDirs
+from ..prompts.embeddings import EmbeddingRegistry
+from ..prompts.parser import extract_extra_networks, lora_multipliers
+from ..prompts.styles import apply_styles, find_style, load_styles
 from ..request import GenerationRequest
-from .txt2img import GenerationResult, Identity, JobControl, ProgressFn, txt2img
+from .txt2img import Extras, GenerationResult, Identity, JobControl, ProgressFn, txt2img
 
 _NUMBERED = re.compile(r"^(\d+)-")
 
@@ -43,6 +48,14 @@ def next_sequence_number(folder: Path) -> int:
             if m := _NUMBERED.match(p.name):
                 highest = max(highest, int(m[1]))
     return highest + 1
+
+
+def embedding_widths(model: LoadedModel) -> dict[str, int]:
+    """Text-encoder widths keyed as embedding files name their vectors."""
+    tes = model.text_encoders
+    if model.family is Family.SDXL:
+        return {"clip_l": tes["text_encoder"].config.hidden_size, "clip_g": tes["text_encoder_2"].config.hidden_size}
+    return {"default": tes["text_encoder"].config.hidden_size}
 
 
 class ModelCache:
@@ -103,6 +116,44 @@ class Engine:
         self.dirs = dirs or DataDirs.from_options()
         self.registry = registry or ModelRegistry(self.dirs)
         self.cache = cache or ModelCache(device=device)
+        self.loras = LoraRegistry(self.dirs, self.registry.cache)
+        self.embeddings = EmbeddingRegistry(self.dirs, self.registry.cache)
+
+    @property
+    def styles_file(self) -> Path:
+        return self.dirs.root / "styles.csv"
+
+    def apply_styles(self, req: GenerationRequest) -> GenerationRequest:
+        """The request with its named styles (A1111's styles.csv) applied to the prompts."""
+        if not req.styles:
+            return req
+        table = load_styles(self.styles_file)
+        styles = [find_style(table, name) for name in req.styles]
+        prompt, negative = apply_styles(req.prompt, req.negative_prompt, styles)
+        return req.model_copy(update={"prompt": prompt, "negative_prompt": negative})
+
+    def extras_for(self, prompt: str, model: LoadedModel) -> tuple[Extras, list[str]]:
+        """The LoRAs a prompt's tags ask for and the embeddings usable with ``model``, plus warnings.
+
+        An unknown LoRA is reported with the closest names instead of failing the job, as A1111 does.
+        """
+        extras, warnings = Extras(), []
+        _, nets = extract_extra_networks(prompt)
+        for net in nets:
+            if net.kind != "lora":
+                warnings.append(f"extra network <{net.describe()}> is not supported and was ignored")
+                continue
+            name = net.items[0] if net.items else ""
+            info = self.loras.find(name)
+            if info is None:
+                near = self.loras.suggest(name)
+                hint = f"; did you mean: {', '.join(near)}" if near else f" (no LoRA in {self.dirs.lora_dir})"
+                warnings.append(f"LoRA {name!r} not found{hint}")
+                continue
+            te, unet = lora_multipliers(net)
+            extras.loras.append((info, te, unet))
+        extras.embeddings, _skipped = self.embeddings.for_model(embedding_widths(model))
+        return extras, warnings
 
     def resolve_model(self, req: GenerationRequest) -> CheckpointInfo:
         return self.registry.find_checkpoint(req.model) if req.model else self.registry.default_checkpoint()
@@ -116,10 +167,12 @@ class Engine:
         on_saved: Callable[[Path], None] | None = None,
     ) -> SavedResult:
         """Run a txt2img request and save its images (in ``save_to`` or A1111's dated outputs folder)."""
+        req = self.apply_styles(req)
         info = self.resolve_model(req)
         vae_info = self.registry.find_vae(req.vae) if req.vae else None
         model = self.cache.model(info)
         vae = self.cache.vae(vae_info, model) if vae_info else None
+        extras, warnings = self.extras_for(req.prompt, model)
         result = txt2img(
             model,
             req,
@@ -128,7 +181,9 @@ class Engine:
             Identity(vae_info.name, vae_info.shorthash) if vae_info else None,
             control,
             progress,
+            extras,
         )
+        result.warnings[:0] = warnings
         folder = save_to or self.dirs.outputs_dir / "txt2img-images" / date.today().isoformat()
         saved = SavedResult(result, [], info, vae_info)
         number = next_sequence_number(folder)

@@ -22,9 +22,10 @@ from .. import __version__
 from ..infotext import build_infotext
 from ..models.family import Family
 from ..models.loader import LoadedModel
+from ..prompts.parser import extract_extra_networks
 from ..request import GenerationRequest
 from . import samplers
-from .conditioning import Conditioning, encode_prompts
+from .conditioning import JobConditioning, PromptEncoder, job_conditioning
 from .seeds import RNG_SOURCE, ImageNoise, all_seeds
 
 
@@ -125,8 +126,7 @@ def sample(
     model: LoadedModel,
     scheduler: Any,
     noise: torch.Tensor,
-    cond: Conditioning,
-    uncond: Conditioning,
+    conds: JobConditioning,
     cfg_scale: float,
     steps: int,
     step_kwargs: dict[str, Any],
@@ -135,40 +135,50 @@ def sample(
     on_step: Callable[[int, torch.Tensor], None] | None = None,
     image_cond: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The denoising loop with classifier-free guidance; returns the final latents (float32).
+    """The denoising loop with classifier-free guidance and composable (AND) prompts.
 
-    ``image_cond`` (mask + masked-image latents) is appended to the UNet input of inpainting models.
+    Returns the final latents (float32). The combination is A1111's:
+    ``uncond + sum(w_i * cfg * (cond_i - uncond))``. ``image_cond`` (mask + masked-image
+    latents) is appended to the UNet input of inpainting models.
     """
     dev, dtype = model.device, model.dtype
     scheduler.set_timesteps(steps, device=dev)
     latents = noise.to(dev, torch.float32) * scheduler.init_noise_sigma
-    guided = cfg_scale != 1.0  # at CFG 1 the negative prompt has no effect: skip its UNet pass
     b = latents.shape[0]
-    context = torch.cat([uncond.context, cond.context]) if guided else cond.context
-    context = context.to(dev, dtype)
-    added = None
-    if model.family is Family.SDXL:
-        pooled = torch.cat([uncond.pooled, cond.pooled]) if guided else cond.pooled
-        h, w = size
-        added = {
-            "text_embeds": pooled.to(dev, dtype),
-            "time_ids": _sdxl_time_ids(h, w, context.shape[0], dev, dtype),
-        }
+    built_for: tuple[int, ...] | None = None
     for i, t in enumerate(scheduler.timesteps):
         if control is not None and (control.interrupted.is_set() or control.skipped.is_set()):
             break
-        x = torch.cat([latents, latents]) if guided else latents
-        x = scheduler.scale_model_input(x, t)
+        parts, uncond = conds.at(i)
+        key = (*(id(c) for c, _ in parts), id(uncond))
+        if key != built_for:  # rebuild the UNet inputs only where the schedule changes
+            built_for = key
+            weights = [w for _, w in parts]
+            # At CFG 1 with one plain prompt the negative prompt has no effect: skip its UNet pass.
+            guided = not (len(parts) == 1 and cfg_scale * weights[0] == 1.0)
+            sources = ([uncond] if guided else []) + [c for c, _ in parts]
+            context = torch.cat([c.context.repeat(b, 1, 1) for c in sources]).to(dev, dtype)
+            added = None
+            if model.family is Family.SDXL:
+                h, w = size
+                pooled = torch.cat([c.pooled.repeat(b, 1) for c in sources])
+                added = {
+                    "text_embeds": pooled.to(dev, dtype),
+                    "time_ids": _sdxl_time_ids(h, w, context.shape[0], dev, dtype),
+                }
+        n = context.shape[0] // b
+        x = scheduler.scale_model_input(torch.cat([latents] * n) if n > 1 else latents, t)
         if image_cond is not None:
-            ic = torch.cat([image_cond, image_cond]) if guided else image_cond
-            x = torch.cat([x, ic.to(x.device, x.dtype)], dim=1)
-        x = x.to(dtype)
+            x = torch.cat([x, torch.cat([image_cond] * n).to(x.device, x.dtype)], dim=1)
         with torch.inference_mode():
-            out = model.unet(x, t, encoder_hidden_states=context, added_cond_kwargs=added, return_dict=False)[0]
+            out = model.unet(x.to(dtype), t, encoder_hidden_states=context, added_cond_kwargs=added, return_dict=False)[0]
         out = out.float()
         if guided:
-            out_uncond, out_cond = out[:b], out[b:]
-            out = out_uncond + cfg_scale * (out_cond - out_uncond)
+            out_uncond = out[:b]
+            combined = out_uncond.clone()
+            for j, w in enumerate(weights):
+                combined += (out[(j + 1) * b : (j + 2) * b] - out_uncond) * (w * cfg_scale)
+            out = combined
         latents = scheduler.step(out, t, latents, **step_kwargs, return_dict=False)[0]
         if on_step is not None:
             on_step(i + 1, latents)
@@ -235,6 +245,20 @@ def infotext_params(
     return params
 
 
+@dataclass
+class Extras:
+    """Extra networks a job uses, resolved by the caller: LoRAs as (info, te weight, unet weight)
+    and the textual-inversion embeddings usable with this model."""
+
+    loras: list[tuple[Any, float, float]] = field(default_factory=list)
+    embeddings: dict[str, Any] = field(default_factory=dict)
+
+
+def _hash_list(items: list[tuple[str, str]]) -> str | None:
+    # A1111: "name: hash, name2: hash2" (quoted by the infotext writer because of the colons).
+    return ", ".join(f"{n}: {h}" for n, h in items) if items else None
+
+
 def txt2img(
     model: LoadedModel,
     req: GenerationRequest,
@@ -243,18 +267,30 @@ def txt2img(
     vae_id: Identity | None = None,
     control: JobControl | None = None,
     progress: ProgressFn | None = None,
+    extras: Extras | None = None,
 ) -> GenerationResult:
-    """Generate ``req.n_iter`` batches of ``req.batch_size`` images. Raises Interrupted if interrupted."""
+    """Generate ``req.n_iter`` batches of ``req.batch_size`` images. Raises Interrupted if interrupted.
+
+    ``<lora:...>`` tags are removed from the prompt before encoding; the LoRAs in ``extras`` are
+    merged into the model for this job only and removed before it returns.
+    """
+    extras = extras or Extras()
     choice = samplers.resolve(req.sampler_name, req.scheduler)
     seeds, subseeds = all_seeds(req.seed, req.subseed, req.subseed_strength, req.total_images)
     vae = vae if vae is not None else model.vae
     started = time.monotonic()
     result = GenerationResult([], [], [], [], choice.sampler.name, choice.schedule_label)
     latent_shape = (4, req.height // 8, req.width // 8)
-    with model.lock, _tiling([model.unet, vae], req.tiling):
+    prompt, _ = extract_extra_networks(req.prompt)
+    negative, _ = extract_extra_networks(req.negative_prompt)
+    with model.lock, _tiling([model.unet, vae], req.tiling), _loras(model, extras.loras):
         image_cond = _txt2img_image_cond(model, vae, req)
-        cond_all = encode_prompts(model, [req.prompt], req.clip_skip)
-        uncond_all = encode_prompts(model, [req.negative_prompt], req.clip_skip)
+        encoder = PromptEncoder(model, req.clip_skip, extras.embeddings)
+        conds = job_conditioning(encoder, prompt, negative, req.steps)
+        extra_params = {
+            "Lora hashes": _hash_list([(info.name, info.shorthash) for info, te, un in extras.loras if te or un]),
+            "TI hashes": _hash_list([(e.name, e.shorthash) for e in encoder.used_embeddings.values()]),
+        }
         for n in range(req.n_iter):
             if control is not None and control.interrupted.is_set():
                 raise Interrupted()
@@ -281,8 +317,7 @@ def txt2img(
                 model,
                 scheduler,
                 noise,
-                cond_all.repeat(req.batch_size),
-                uncond_all.repeat(req.batch_size),
+                conds,
                 req.cfg_scale,
                 req.steps,
                 _step_kwargs(scheduler, rng.generators, req.eta),
@@ -298,8 +333,20 @@ def txt2img(
                 continue
             for img, seed, subseed in zip(decode(vae, latents, model.vae_scale), batch_seeds, batch_subseeds, strict=True):
                 params = infotext_params(req, choice, seed, subseed, model_id, vae_id)
+                params.update(extra_params)
                 result.images.append(img)
                 result.infotexts.append(build_infotext(req.prompt, req.negative_prompt, params))
                 result.seeds.append(seed)
                 result.subseeds.append(subseed)
     return result
+
+
+@contextlib.contextmanager
+def _loras(model: LoadedModel, loras: list[tuple[Any, float, float]]) -> Iterator[None]:
+    if not loras:
+        yield
+        return
+    from ..networks.lora import applied_loras
+
+    with applied_loras(model, loras):
+        yield
