@@ -39,6 +39,7 @@ class GenerationRequest(BaseModel):
     height: int = Field(512, ge=64, le=MAX_SIDE)
     clip_skip: int = Field(1, ge=1, le=12)
     tiling: bool = False
+    novelai_braces: bool = Field(False, description="read NovelAI-style {x} as emphasis x1.05 (muralist setting)")
     eta: float | None = Field(None, ge=0.0, le=1.0)
     model: str | None = Field(None, description="checkpoint title, name or hash; None: the default")
     vae: str | None = Field(None, description="VAE file name; None/'Automatic': the checkpoint's own")

@@ -139,3 +139,26 @@ def test_unknown_style_names_the_choices(eng, tmp_path: Path) -> None:
 
     with pytest.raises(NotFoundError, match="noir"):
         gen(eng, tmp_path, "a cat", styles=["nior"])
+
+
+def test_sdxl_embedding_uses_both_encoders_and_sd1_embeddings_are_skipped(a1111_models: Path, tmp_path: Path) -> None:
+    from safetensors.torch import save_file as save
+
+    from muralist.engine.engine import Engine, ModelCache, embedding_widths
+    from muralist.paths import DataDirs
+
+    root = tmp_path / "xl"
+    (root / "models" / "Stable-diffusion").mkdir(parents=True)
+    shutil.copy(a1111_models / "models" / "Stable-diffusion" / "tiny-sdxl.safetensors", root / "models" / "Stable-diffusion")
+    (root / "embeddings").mkdir()
+    g = torch.Generator().manual_seed(3)
+    save({"clip_l": torch.randn(1, 32, generator=g) * 3, "clip_g": torch.randn(1, 64, generator=g) * 3}, str(root / "embeddings" / "xlglow.safetensors"))
+    torch.save({"string_to_param": {"*": torch.randn(1, 32)}}, root / "embeddings" / "sd1only.pt")
+    eng = Engine(DataDirs.from_options(root), cache=ModelCache(device="cpu"))
+    model = eng.cache.model(eng.registry.find_checkpoint("tiny-sdxl"))
+    loaded, skipped = eng.embeddings.for_model(embedding_widths(model))
+    assert set(loaded) == {"xlglow"} and "sd1only" in skipped
+    a = gen(eng, tmp_path, "a cat, painting", model="tiny-sdxl")
+    b = gen(eng, tmp_path, "a cat, xlglow", model="tiny-sdxl")
+    assert not np.array_equal(pixels(a.result.images[0]), pixels(b.result.images[0]))
+    assert parse_infotext(b.result.infotexts[0])["TI hashes"].startswith("xlglow: ")

@@ -115,3 +115,9 @@ def test_conditioning_changes_only_where_the_schedule_changes(engine) -> None:
     parts, uncond = job_conditioning(enc, long300, "blurry", 20).at(0)
     assert parts[0][0].context.shape == uncond.context.shape
     assert parts[0][0].chunks >= 4
+
+
+def test_novelai_braces_only_when_enabled(engine, tmp_path: Path) -> None:
+    plain = image(engine, tmp_path, "a {cat} on a sofa")
+    assert np.array_equal(plain, image(engine, tmp_path, "a {cat} on a sofa", novelai_braces=False))
+    assert differ(plain, image(engine, tmp_path, "a {cat} on a sofa", novelai_braces=True))

@@ -66,9 +66,15 @@ class EmbeddingIndex:
         return None
 
 
-def chunk_prompt(text: str, tokenizer: Any, index: EmbeddingIndex | None, vector_count: Callable[[Any], int]) -> tuple[list[Chunk], int]:
+def chunk_prompt(
+    text: str,
+    tokenizer: Any,
+    index: EmbeddingIndex | None,
+    vector_count: Callable[[Any], int],
+    novelai_braces: bool = False,
+) -> tuple[list[Chunk], int]:
     """Split one prompt into 75-token chunks with multipliers; also return A1111's token count."""
-    parsed = parse_attention(text)
+    parsed = parse_attention(text, novelai_braces)
     pieces = [p for p, _ in parsed]
     ids_all = tokenizer(pieces, add_special_tokens=False, truncation=False).input_ids if pieces else []
     chunks: list[Chunk] = []
@@ -156,8 +162,15 @@ class PromptEncoder:
     padding are encoded once.
     """
 
-    def __init__(self, model: LoadedModel, clip_skip: int = 1, embeddings: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        model: LoadedModel,
+        clip_skip: int = 1,
+        embeddings: Mapping[str, Any] | None = None,
+        novelai_braces: bool = False,
+    ) -> None:
         self.model = model
+        self.novelai_braces = novelai_braces
         self.clip_skip = max(1, clip_skip)
         self.embeddings = dict(embeddings or {})
         self.used_embeddings: dict[str, Any] = {}
@@ -179,7 +192,7 @@ class PromptEncoder:
         for component, vec_key in self._encoders:
             tokenizer = self.model.tokenizers[component]
             encoder = self.model.text_encoders[component]
-            chunks, _ = chunk_prompt(text, tokenizer, self._index, lambda e: int(e.vector_count))
+            chunks, _ = chunk_prompt(text, tokenizer, self._index, lambda e: int(e.vector_count), self.novelai_braces)
             z, p = self._run(encoder, tokenizer, chunks, vec_key, component)
             zs.append(z)
             if p is not None:

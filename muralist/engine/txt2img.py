@@ -285,7 +285,7 @@ def txt2img(
     negative, _ = extract_extra_networks(req.negative_prompt)
     with model.lock, _tiling([model.unet, vae], req.tiling), _loras(model, extras.loras):
         image_cond = _txt2img_image_cond(model, vae, req)
-        encoder = PromptEncoder(model, req.clip_skip, extras.embeddings)
+        encoder = PromptEncoder(model, req.clip_skip, extras.embeddings, req.novelai_braces)
         conds = job_conditioning(encoder, prompt, negative, req.steps)
         extra_params = {
             "Lora hashes": _hash_list([(info.name, info.shorthash) for info, te, un in extras.loras if te or un]),
