@@ -66,6 +66,33 @@ def build_parser() -> argparse.ArgumentParser:
     mt = msub.add_parser("make-tiny", help="write tiny random-weight SD1/SD2/SDXL models (for trying muralist out)")
     _add_dirs(mt)
 
+    sv = sub.add_parser("serve", help="run the HTTP service (native /api/v1 and A1111 /sdapi/v1)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--listen", action="store_true", help="listen on all interfaces (0.0.0.0); needs authentication")
+    sv.add_argument("--allow-anonymous", action="store_true", help="allow --listen without any authentication")
+    sv.add_argument("--port", type=int, default=7860)
+    sv.add_argument("--database", default=None, help="sqlite:///path or postgresql://... (default: DATA/muralist.db)")
+    sv.add_argument("--api-auth", default=None, metavar="USER:PASS,...", help="HTTP Basic users (A1111's flag)")
+    sv.add_argument("--workers", type=int, default=None, help="in-process workers (default: one per GPU, one on CPU)")
+    sv.add_argument("--device", default=None)
+    sv.add_argument("--max-loaded-models", type=int, default=2, help="checkpoints kept loaded (model cache size)")
+    sv.add_argument("--cors-allow-origins", default=None, help="comma-separated origins")
+    _add_dirs(sv)
+
+    us = sub.add_parser("users", help="manage users and API keys")
+    usub = us.add_subparsers(dest="users_command", required=True)
+    ua = usub.add_parser("add", help="create a user; prints the new API key alone on the last line")
+    ua.add_argument("name")
+    ua.add_argument("--admin", action="store_true")
+    ul = usub.add_parser("list")
+    ur = usub.add_parser("remove")
+    ur.add_argument("name")
+    uk = usub.add_parser("reset-key", help="replace a user's API key; prints the new key")
+    uk.add_argument("name")
+    for p in (ua, ul, ur, uk):
+        p.add_argument("--database", default=None)
+        _add_dirs(p)
+
     pi = sub.add_parser("png-info", help="print the A1111 infotext stored in an image")
     pi.add_argument("file", type=Path)
     return parser
@@ -183,6 +210,87 @@ def cmd_png_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _store(args: argparse.Namespace) -> Any:
+    from .service.store import open_store
+
+    dirs = _dirs(args)
+    dirs.root.mkdir(parents=True, exist_ok=True)
+    return open_store(args.database, dirs.root)
+
+
+def cmd_users(args: argparse.Namespace) -> int:
+    from .errors import NotFoundError
+
+    store = _store(args)
+    try:
+        if args.users_command == "add":
+            key = store.add_user(args.name, admin=args.admin)
+            print(f"created user {args.name}{' (admin)' if args.admin else ''}; API key:", file=sys.stderr)
+            print(key)
+        elif args.users_command == "reset-key":
+            if store.get_user(args.name) is None:
+                raise NotFoundError(f"no user {args.name!r}")
+            print(store.reset_key(args.name))
+        elif args.users_command == "remove":
+            if not store.remove_user(args.name):
+                raise NotFoundError(f"no user {args.name!r}")
+            print(f"removed {args.name}")
+        else:
+            for u in store.list_users():
+                print(f"{u.name}{'  admin' if u.admin else ''}")
+    finally:
+        store.close()
+    return 0
+
+
+def _workers(device: str | None) -> int:
+    # One worker per GPU; a CPU gets one (two jobs would only share its cores).
+    if device and device != "cuda":
+        return 1
+    try:
+        import torch
+
+        return max(1, torch.cuda.device_count())
+    except ImportError:
+        return 1
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+
+    from .errors import MuralistError
+    from .service.app import AuthConfig, create_app
+    from .service.core import Service, Settings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    basic: dict[str, str] = {}
+    for pair in filter(None, (args.api_auth or "").split(",")):
+        name, sep, password = pair.partition(":")
+        if not sep or not name or not password:
+            raise MuralistError(f"--api-auth takes user:password pairs separated by commas, got {pair!r}")
+        basic[name.strip()] = password
+    store = _store(args)
+    host = "0.0.0.0" if args.listen else args.host
+    keyed = any(u.name != "local" for u in store.list_users())
+    if host not in ("127.0.0.1", "localhost", "::1") and not basic and not keyed and not args.allow_anonymous:
+        store.close()
+        raise MuralistError(
+            "refusing to listen on the network without authentication: anyone could use your GPU and see "
+            "every image. Add users (muralist users add NAME), or pass --api-auth user:pass, or --allow-anonymous"
+        )
+    dirs = _dirs(args)
+    dirs.ensure()
+    settings = Settings(workers=args.workers or _workers(args.device), device=args.device, max_loaded_models=args.max_loaded_models)
+    service = Service(dirs, store, settings)
+    origins = [o.strip() for o in args.cors_allow_origins.split(",")] if args.cors_allow_origins else None
+    app = create_app(service, AuthConfig(basic), origins)
+    print(f"muralist {'(single-user mode) ' if not basic and not keyed else ''}listening on http://{host}:{args.port}", file=sys.stderr)
+    uvicorn.run(app, host=host, port=args.port, log_level="info")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .errors import MuralistError
@@ -190,6 +298,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {
         "generate": cmd_generate,
         "png-info": cmd_png_info,
+        "serve": cmd_serve,
+        "users": cmd_users,
         "models": lambda a: {"list": cmd_models_list, "make-tiny": cmd_make_tiny}[a.models_command](a),
     }
     try:

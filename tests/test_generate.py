@@ -259,3 +259,23 @@ def test_one_loaded_model_serves_threads_one_job_at_a_time(engine, tmp_path: Pat
         t.join()
     alone = pixels(run(engine, tmp_path, seed=2, steps=3).result.images[0])
     assert np.array_equal(results[2], alone)
+
+
+def test_model_cache_keeps_the_budget_and_never_evicts_a_model_in_use(a1111_models: Path) -> None:
+    from muralist.engine.engine import ModelCache
+    from muralist.models.registry import ModelRegistry
+    from muralist.paths import DataDirs
+
+    reg = ModelRegistry(DataDirs.from_options(a1111_models))
+    a, b, c = (reg.find_checkpoint(n) for n in ("tiny-sd15.safetensors", "tiny-sd21", "tiny-sdxl"))
+    cache = ModelCache(max_models=1, device="cpu")
+    with cache.use(a) as model_a:
+        cache.model(b)  # over the count budget, but a is pinned and stays
+        assert (str(a.path), a.sha256) in cache.loaded()
+        assert cache.model(a) is model_a
+    cache.model(c)
+    assert cache.loaded() == [(str(c.path), c.sha256)]
+    small = ModelCache(max_models=5, device="cpu", max_bytes=1)
+    small.model(a)
+    small.model(b)
+    assert small.loaded() == [(str(b.path), b.sha256)]  # the byte budget evicts the older one

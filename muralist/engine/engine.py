@@ -8,10 +8,11 @@ model" setting that one job could change for another.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -59,31 +60,71 @@ def embedding_widths(model: LoadedModel) -> dict[str, int]:
 
 
 class ModelCache:
-    """Loaded checkpoints and VAEs, least recently used evicted first.
+    """Loaded checkpoints and VAEs within a count and a memory budget, least recently used evicted first.
 
-    Keyed by file path and content hash, so a replaced file is never served from a stale entry.
+    A model in use by a job is pinned: it is never evicted under that job. Keyed by file path and
+    content hash, so a replaced file is never served from a stale entry. Two jobs asking for the
+    same unloaded model wait for one load.
     """
 
-    def __init__(self, max_models: int = 1, max_vaes: int = 2, device: str | None = None) -> None:
+    def __init__(self, max_models: int = 1, max_vaes: int = 2, device: str | None = None, max_bytes: int | None = None) -> None:
         self.max_models = max_models
         self.max_vaes = max_vaes
+        self.max_bytes = max_bytes
         self.device, _ = pick_device(device)
         self._models: OrderedDict[tuple[str, str], LoadedModel] = OrderedDict()
+        self._pins: dict[tuple[str, str], int] = {}
+        self._loading: dict[tuple[str, str], threading.Lock] = {}
         self._vaes: OrderedDict[tuple[str, str, str], Any] = OrderedDict()
         self._lock = threading.Lock()
 
     def model(self, info: CheckpointInfo) -> LoadedModel:
+        """The loaded model (not pinned: use ``use()`` while running a job on it)."""
         key = (str(info.path), info.sha256)
         with self._lock:
             if key in self._models:
                 self._models.move_to_end(key)
                 return self._models[key]
-        loaded = load_checkpoint(info.path, info.kind, info.prediction_type, str(self.device))
-        with self._lock:
-            self._models[key] = loaded
-            while len(self._models) > self.max_models:
-                self._models.popitem(last=False)
+            gate = self._loading.setdefault(key, threading.Lock())
+        with gate:
+            with self._lock:
+                if key in self._models:
+                    return self._models[key]
+            loaded = load_checkpoint(info.path, info.kind, info.prediction_type, str(self.device))
+            with self._lock:
+                self._models[key] = loaded
+                self._loading.pop(key, None)
+                self._evict(keep=key)
         return loaded
+
+    @contextlib.contextmanager
+    def use(self, info: CheckpointInfo) -> Iterator[LoadedModel]:
+        """The loaded model, pinned for the duration of the block."""
+        key = (str(info.path), info.sha256)
+        with self._lock:
+            self._pins[key] = self._pins.get(key, 0) + 1
+        try:
+            yield self.model(info)
+        finally:
+            with self._lock:
+                self._pins[key] -= 1
+                if not self._pins[key]:
+                    del self._pins[key]
+                self._evict()
+
+    def _evict(self, keep: tuple[str, str] | None = None) -> None:
+        def over() -> bool:
+            if len(self._models) > self.max_models:
+                return True
+            if self.max_bytes is None:
+                return False
+            return sum(m.parameters_bytes() for m in self._models.values()) > self.max_bytes
+
+        for key in list(self._models):  # oldest first
+            if not over():
+                break
+            if key != keep and not self._pins.get(key):
+                del self._models[key]
 
     def vae(self, info: VaeInfo, model: LoadedModel) -> Any:
         key = (str(info.path), info.sha256, model.family.value)
@@ -170,19 +211,19 @@ class Engine:
         req = self.apply_styles(req)
         info = self.resolve_model(req)
         vae_info = self.registry.find_vae(req.vae) if req.vae else None
-        model = self.cache.model(info)
-        vae = self.cache.vae(vae_info, model) if vae_info else None
-        extras, warnings = self.extras_for(req.prompt, model)
-        result = txt2img(
-            model,
-            req,
-            Identity(info.model_name, info.shorthash),
-            vae,
-            Identity(vae_info.name, vae_info.shorthash) if vae_info else None,
-            control,
-            progress,
-            extras,
-        )
+        with self.cache.use(info) as model:
+            vae = self.cache.vae(vae_info, model) if vae_info else None
+            extras, warnings = self.extras_for(req.prompt, model)
+            result = txt2img(
+                model,
+                req,
+                Identity(info.model_name, info.shorthash),
+                vae,
+                Identity(vae_info.name, vae_info.shorthash) if vae_info else None,
+                control,
+                progress,
+                extras,
+            )
         result.warnings[:0] = warnings
         folder = save_to or self.dirs.outputs_dir / "txt2img-images" / date.today().isoformat()
         saved = SavedResult(result, [], info, vae_info)

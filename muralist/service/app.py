@@ -1,0 +1,313 @@
+"""The HTTP service: native ``/api/v1`` (and, mounted on the same app, A1111's ``/sdapi/v1``).
+
+Authentication: ``Authorization: Bearer <API key>`` for users made with ``muralist users add``,
+HTTP Basic for ``--api-auth`` users, and with neither configured a local single-user mode whose
+caller is the admin "local". Every handler sees only the caller's jobs and images (admins: all);
+another user's job answers 404, exactly like a job that does not exist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
+
+from .. import __version__
+from ..errors import InvalidRequestError, MuralistError, NotFoundError
+from .core import Service
+from .store import Job, JobStatus, LimitError, User
+
+LOCAL_USER = "local"
+
+
+@dataclass
+class AuthConfig:
+    basic: dict[str, str] = field(default_factory=dict)  # --api-auth user -> password
+
+    def single_user(self, service: Service) -> bool:
+        """No --api-auth and no users but the implicit local one: the caller is the local admin."""
+        return not self.basic and all(u.name == LOCAL_USER for u in service.store.list_users())
+
+
+class JobIn(BaseModel):
+    type: str = "txt2img"
+    params: dict[str, Any] = Field(default_factory=dict, description="request fields, A1111 names")
+    priority: int = Field(0, ge=-10, le=10)
+
+
+def job_view(service: Service, job: Job) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "id": job.id,
+        "type": job.type,
+        "owner": job.owner,
+        "status": job.status.value,
+        "priority": job.priority,
+        "created_at": job.created_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+        "attempts": job.attempts,
+        "params": job.params,
+        "result": job.result,
+        "error": job.error,
+        "position": service.store.position(job.id) if job.status is JobStatus.QUEUED else None,
+    }
+    live = service.live.get(job.id)
+    if live is not None:
+        out["progress"] = {"step": live.step, "steps": live.steps, "batch": live.batch, "n_iter": live.n_iter,
+                           "progress": live.fraction, "eta": live.eta}
+    return out
+
+
+def create_app(service: Service, auth: AuthConfig | None = None, cors_origins: list[str] | None = None,
+               max_body_bytes: int = 32 * 2**20, start_workers: bool = True) -> FastAPI:
+    auth = auth or AuthConfig()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        for name in auth.basic:
+            service.store.ensure_user(name, admin=False)
+        if start_workers:
+            # Start workers off the event loop: the port is open before torch is imported.
+            await asyncio.get_running_loop().run_in_executor(None, service.start)
+        yield
+        await asyncio.get_running_loop().run_in_executor(None, service.stop)
+
+    app = FastAPI(title="muralist", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.service = service
+    app.state.auth = auth
+    if cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"])
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next: Any) -> Any:
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > max_body_bytes:
+            return JSONResponse({"error": "PayloadTooLarge", "detail": f"request body over {max_body_bytes} bytes"}, 413)
+        return await call_next(request)
+
+    @app.exception_handler(MuralistError)
+    async def muralist_error(_request: Request, exc: MuralistError) -> JSONResponse:
+        status = 429 if isinstance(exc, LimitError) else 422 if isinstance(exc, InvalidRequestError | NotFoundError) else 400
+        return JSONResponse({"error": type(exc).__name__, "detail": str(exc)}, status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = [f"{'.'.join(str(x) for x in e['loc'] if x != 'body') or 'body'}: {e['msg']}" for e in exc.errors()]
+        return JSONResponse({"error": "ValidationError", "detail": "; ".join(parts), "errors": jsonable(exc.errors())}, 422)
+
+    _install_docs(app)
+
+    def current_user(request: Request) -> User:
+        header = request.headers.get("authorization", "")
+        scheme, _, cred = header.partition(" ")
+        if scheme.lower() == "bearer" and cred:
+            user = service.store.user_by_key(cred.strip())
+            if user is not None:
+                return user
+        elif scheme.lower() == "basic" and cred and auth.basic:
+            try:
+                name, _, password = base64.b64decode(cred).decode().partition(":")
+            except (binascii.Error, UnicodeDecodeError):
+                name, password = "", ""
+            expected = auth.basic.get(name)
+            if expected is not None and hmac.compare_digest(expected, password):
+                user = service.store.get_user(name)
+                if user is not None:
+                    return user
+        if auth.single_user(service):
+            return service.store.get_user(LOCAL_USER) or _ensure_local(service)
+        raise HTTPException(401, "missing or wrong credentials: send 'Authorization: Bearer <API key>'",
+                            headers={"WWW-Authenticate": "Bearer"})
+
+    app.state.current_user = current_user
+
+    def own_job(job_id: str, user: User) -> Job:
+        job = service.store.get(job_id)
+        if job is None or (job.owner != user.name and not user.admin):
+            raise HTTPException(404, f"no job {job_id!r}")
+        return job
+
+    @app.get("/api/v1/health")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "version": __version__}
+
+    @app.post("/api/v1/jobs", status_code=202)
+    def submit(body: JobIn, user: User = Depends(current_user)) -> dict[str, Any]:
+        job = service.submit(user, body.type, body.params, body.priority)
+        return {"id": job.id, "status": job.status.value, "position": service.store.position(job.id)}
+
+    @app.get("/api/v1/jobs")
+    def list_jobs(status: list[JobStatus] | None = Query(None), limit: int = Query(100, ge=1, le=1000),
+                  offset: int = Query(0, ge=0), user: User = Depends(current_user)) -> dict[str, Any]:
+        jobs = service.store.list_jobs(user.name, status, limit, offset)
+        return {"jobs": [job_view(service, j) for j in jobs]}
+
+    @app.get("/api/v1/jobs/{job_id}")
+    def get_job(job_id: str, user: User = Depends(current_user)) -> dict[str, Any]:
+        return job_view(service, own_job(job_id, user))
+
+    @app.post("/api/v1/jobs/{job_id}/cancel")
+    def cancel(job_id: str, user: User = Depends(current_user)) -> dict[str, Any]:
+        return job_view(service, service.cancel(own_job(job_id, user)))
+
+    @app.post("/api/v1/jobs/{job_id}/skip")
+    def skip(job_id: str, user: User = Depends(current_user)) -> dict[str, Any]:
+        job = own_job(job_id, user)
+        return {"id": job.id, "skipped": service.skip(job)}
+
+    @app.get("/api/v1/queue")
+    def queue(user: User = Depends(current_user)) -> dict[str, Any]:
+        order = service.store.queue_order()
+        mine = [{"id": j.id, "position": i, "status": j.status.value} for i, j in enumerate(order) if j.owner == user.name]
+        running = [job_view(service, j) for j in service.store.list_jobs(user.name, [JobStatus.RUNNING])]
+        others = sum(1 for j in order if j.owner != user.name)
+        return {"queued": mine, "running": running, "others_queued": others, "total_queued": len(order)}
+
+    @app.get("/api/v1/images/{image_id}")
+    def image(image_id: str, user: User = Depends(current_user)) -> FileResponse:
+        rec = service.store.get_image(image_id)
+        if rec is None or (rec.owner != user.name and not user.admin):
+            raise HTTPException(404, f"no image {image_id!r}")
+        path = service.dirs.root / rec.path
+        if not path.is_file():
+            raise HTTPException(410, f"image {image_id!r} was deleted from disk")
+        return FileResponse(path, media_type="image/png", filename=Path(rec.path).name)
+
+    @app.get("/api/v1/images")
+    def images(limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0),
+               user: User = Depends(current_user)) -> dict[str, Any]:
+        recs = service.store.list_images(user.name, limit, offset)
+        return {"images": [{"id": r.id, "job_id": r.job_id, "seed": r.seed, "infotext": r.infotext, "created_at": r.created_at} for r in recs]}
+
+    @app.get("/api/v1/jobs/{job_id}/events")
+    async def job_events(job_id: str, request: Request, user: User = Depends(current_user)) -> StreamingResponse:
+        job = own_job(job_id, user)
+        return _sse(service, request, job.owner, job.id)
+
+    @app.get("/api/v1/events")
+    async def all_events(request: Request, user: User = Depends(current_user)) -> StreamingResponse:
+        return _sse(service, request, None if user.admin and user.name != LOCAL_USER else user.name, None)
+
+    @app.get("/api/v1/me")
+    def me(user: User = Depends(current_user)) -> dict[str, Any]:
+        return {"name": user.name, "admin": user.admin, "options": user.options,
+                "limits": service.settings.limits.merged(user.limits).__dict__}
+
+    @app.put("/api/v1/me/options")
+    def set_options(options: dict[str, Any], user: User = Depends(current_user)) -> dict[str, Any]:
+        from ..request import GenerationRequest
+
+        unknown = sorted(set(options) - set(GenerationRequest.model_fields))
+        if unknown:
+            raise InvalidRequestError(f"unknown option(s) {', '.join(unknown)}; options are request fields")
+        service.store.set_user_options(user.name, options)
+        return {"options": (service.store.get_user(user.name) or user).options}
+
+    @app.get("/api/v1/models")
+    def models(user: User = Depends(current_user)) -> dict[str, Any]:
+        reg = service.engine.registry
+        return {
+            "checkpoints": [{"title": c.title, "name": c.name, "model_name": c.model_name, "hash": c.shorthash,
+                             "sha256": c.sha256, "family": c.kind.label, "prediction_type": c.prediction_type} for c in reg.checkpoints()],
+            "vaes": [{"name": v.name, "hash": v.shorthash} for v in reg.vaes()],
+            "loras": [{"name": lo.name, "alias": lo.alias, "hash": lo.shorthash} for lo in service.engine.loras.all()],
+            "embeddings": sorted(service.engine.embeddings.all()),
+            "loaded": [sha for _p, sha in service.engine.cache.loaded()],
+        }
+
+    @app.get("/api/v1/samplers")
+    def samplers_list() -> dict[str, Any]:
+        from ..engine import samplers
+
+        return {"samplers": [s.name for s in samplers.SAMPLERS],
+                "schedulers": [samplers.SCHEDULES[k][0] for k in samplers.SUPPORTED_SCHEDULES]}
+
+    @app.get("/api/v1/token-count")
+    def count(prompt: str = "", steps: int = Query(20, ge=1, le=150)) -> dict[str, int]:
+        from ..engine.conditioning import token_count
+
+        used, limit = token_count(prompt, steps)
+        return {"tokens": used, "limit": limit}
+
+    from .sdapi import install
+
+    install(app, service)
+    return app
+
+
+def _ensure_local(service: Service) -> User:
+    service.store.ensure_user(LOCAL_USER, admin=True)
+    user = service.store.get_user(LOCAL_USER)
+    assert user is not None
+    return user
+
+
+def jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _sse(service: Service, request: Request, owner: str | None, job_id: str | None) -> StreamingResponse:
+    key, sub = service.hub.subscribe(owner, job_id)
+
+    async def stream() -> AsyncIterator[bytes]:
+        try:
+            if job_id is not None:
+                job = service.store.get(job_id)
+                if job is not None:
+                    first = {"type": "state", "owner": job.owner, "job_id": job.id, "status": job.status.value,
+                             "position": service.store.position(job.id)}
+                    yield f"event: state\ndata: {json.dumps(first)}\n\n".encode()
+                    if job.status.finished:
+                        return
+            last = time.monotonic()
+            while True:
+                if await request.is_disconnected():
+                    return
+                try:
+                    ev = await asyncio.wait_for(sub.queue.get(), timeout=1.0)
+                except TimeoutError:
+                    if time.monotonic() - last > 15:
+                        last = time.monotonic()
+                        yield b": keep-alive\n\n"
+                    continue
+                yield f"event: {ev['type']}\ndata: {json.dumps(ev)}\n\n".encode()
+                if job_id is not None and ev["type"] in ("finished", "failed", "canceled"):
+                    return
+        finally:
+            service.hub.unsubscribe(key)
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _install_docs(app: FastAPI) -> None:
+    """Swagger UI from the locally installed swagger-ui-bundle: /docs works with no internet."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+
+    try:
+        import swagger_ui_bundle
+    except ImportError:  # docs are optional; the API works without them
+        return
+    app.mount("/docs-assets", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> Any:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="muralist API",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs-assets/favicon-32x32.png")

@@ -1,0 +1,336 @@
+"""AUTOMATIC1111's ``/sdapi/v1`` on top of the queue, so A1111 clients work unchanged.
+
+Field names, defaults and response shapes are A1111's. What differs is scope, on purpose:
+``options`` are the caller's own defaults (never a global model switch), ``progress`` shows the
+caller's own job, and ``interrupt``/``skip`` act on the caller's own jobs only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import os
+import time
+from datetime import datetime
+from typing import Any
+
+from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Query
+
+from .. import __version__
+from ..errors import InvalidRequestError, MuralistError
+from .core import Service
+from .store import Job, JobStatus, User
+
+# A1111 option name -> our request field.
+OPTION_FIELDS = {"sd_model_checkpoint": "model", "sd_vae": "vae", "CLIP_stop_at_last_layers": "clip_skip", "eta_ancestral": "eta"}
+# A1111 API defaults that differ from the CLI's.
+A1111_DEFAULTS = {"steps": 50, "sampler_name": "Euler", "cfg_scale": 7.0, "width": 512, "height": 512}
+LATENT_MODES = ["Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)", "Latent (nearest)", "Latent (nearest-exact)"]
+
+
+def a1111_params(body: dict[str, Any]) -> dict[str, Any]:
+    """An A1111 txt2img body -> our request fields (unknown fields are ignored, as A1111 does)."""
+    params = {k: v for k, v in A1111_DEFAULTS.items()}
+    for k, v in body.items():
+        if v is not None and k not in ("override_settings", "sampler_index", "alwayson_scripts", "script_args"):
+            params[k] = v
+    if not body.get("sampler_name") and body.get("sampler_index"):
+        params["sampler_name"] = body["sampler_index"]
+    for opt, value in (body.get("override_settings") or {}).items():
+        if opt in OPTION_FIELDS and value is not None:
+            params[OPTION_FIELDS[opt]] = value  # this job only
+    for key in ("seed_resize_from_h", "seed_resize_from_w"):
+        if int(params.get(key, -1)) <= 0:  # A1111 treats 0 and -1 alike: no resize
+            params[key] = -1
+    if body.get("enable_hr"):
+        raise InvalidRequestError("enable_hr: hires fix is not available yet in muralist; send enable_hr false")
+    return params
+
+
+def info_json(job: Job, params: dict[str, Any]) -> str:
+    """A1111's ``info`` string for a finished job."""
+    from ..infotext import parse_infotext
+
+    res = job.result or {}
+    texts = res.get("infotexts", [])
+    first = parse_infotext(texts[0]) if texts else {}
+    seeds, subseeds = res.get("seeds", []), res.get("subseeds", [])
+    info = {
+        "prompt": params.get("prompt", ""),
+        "all_prompts": [params.get("prompt", "")] * len(seeds),
+        "negative_prompt": params.get("negative_prompt", ""),
+        "all_negative_prompts": [params.get("negative_prompt", "")] * len(seeds),
+        "seed": seeds[0] if seeds else -1,
+        "all_seeds": seeds,
+        "subseed": subseeds[0] if subseeds else -1,
+        "all_subseeds": subseeds,
+        "subseed_strength": params.get("subseed_strength", 0),
+        "width": params.get("width"),
+        "height": params.get("height"),
+        "sampler_name": first.get("Sampler", params.get("sampler_name")),
+        "cfg_scale": params.get("cfg_scale"),
+        "steps": params.get("steps"),
+        "batch_size": params.get("batch_size", 1),
+        "restore_faces": False,
+        "face_restoration_model": None,
+        "sd_model_name": first.get("Model"),
+        "sd_model_hash": first.get("Model hash"),
+        "sd_vae_name": first.get("VAE"),
+        "sd_vae_hash": first.get("VAE hash"),
+        "seed_resize_from_w": params.get("seed_resize_from_w", -1),
+        "seed_resize_from_h": params.get("seed_resize_from_h", -1),
+        "denoising_strength": params.get("denoising_strength"),
+        "extra_generation_params": {k: v for k, v in first.items() if k in ("Lora hashes", "TI hashes", "Schedule type")},
+        "index_of_first_image": 0,
+        "infotexts": texts,
+        "styles": params.get("styles", []),
+        "job_timestamp": datetime.fromtimestamp(job.created_at or time.time()).strftime("%Y%m%d%H%M%S"),
+        "clip_skip": params.get("clip_skip", 1),
+        "is_using_inpainting_conditioning": False,
+        "version": f"muralist {__version__}",
+        "warnings": res.get("warnings", []),
+    }
+    return json.dumps(info)
+
+
+def decode_image(data: str) -> bytes:
+    """Raw base64 or a data URL (A1111 clients send both)."""
+    if data.startswith("data:"):
+        data = data.partition(",")[2]
+    try:
+        return base64.b64decode(data, validate=False)
+    except (binascii.Error, ValueError):
+        raise InvalidRequestError("image: not valid base64") from None
+
+
+def install(app: FastAPI, service: Service) -> None:
+    current_user = app.state.current_user
+    r = APIRouter()
+
+    def own_running(user: User) -> list[Job]:
+        return service.store.list_jobs(user.name, [JobStatus.RUNNING])
+
+    async def wait_finished(job_id: str) -> Job:
+        key, sub = service.hub.subscribe(None, job_id)
+        try:
+            while True:
+                job = service.store.get(job_id)
+                if job is not None and job.status.finished:
+                    return job
+                try:
+                    await asyncio.wait_for(sub.queue.get(), timeout=0.5)
+                except TimeoutError:
+                    pass
+        finally:
+            service.hub.unsubscribe(key)
+
+    @r.post("/sdapi/v1/txt2img")
+    async def txt2img(body: dict[str, Any] = Body(...), user: User = Depends(current_user)) -> dict[str, Any]:
+        params = a1111_params(body)
+        loop = asyncio.get_running_loop()
+        job = await loop.run_in_executor(None, lambda: service.submit(user, "txt2img", params, job_id=body.get("force_task_id")))
+        job = await wait_finished(job.id)
+        if job.status is JobStatus.FAILED:
+            raise HTTPException(500, job.error or "generation failed")
+        images = []
+        if body.get("send_images", True) and job.result:
+            for image_id in job.result.get("images", []):
+                rec = service.store.get_image(image_id)
+                if rec is not None:
+                    images.append(base64.b64encode((service.dirs.root / rec.path).read_bytes()).decode())
+        return {"images": images, "parameters": body, "info": info_json(job, job.params)}
+
+    def progress_of(user: User) -> dict[str, Any]:
+        running = own_running(user)
+        queued = service.store.list_jobs(user.name, [JobStatus.QUEUED])
+        job = running[0] if running else None
+        live = service.live.get(job.id) if job else None
+        state = {"skipped": False, "interrupted": False, "job": job.id if job else "", "job_count": len(running) + len(queued),
+                 "job_timestamp": datetime.now().strftime("%Y%m%d%H%M%S"), "job_no": live.batch if live else 0,
+                 "sampling_step": live.step if live else 0, "sampling_steps": live.steps if live else 0}
+        progress = live.fraction if live else 0.0
+        eta = live.eta if live else None
+        textinfo = None if job else ("Waiting..." if queued else None)
+        return {"progress": progress, "eta_relative": eta or 0.0, "state": state,
+                "current_image": live.preview if live else None, "textinfo": textinfo}
+
+    @r.get("/sdapi/v1/progress")
+    def progress(skip_current_image: bool = Query(False), user: User = Depends(current_user)) -> dict[str, Any]:
+        return progress_of(user)
+
+    @r.post("/sdapi/v1/interrupt")
+    def interrupt(user: User = Depends(current_user)) -> dict[str, Any]:
+        for job in own_running(user):
+            service.cancel(job)
+        return {}
+
+    @r.post("/sdapi/v1/skip")
+    def skip(user: User = Depends(current_user)) -> dict[str, Any]:
+        for job in own_running(user):
+            service.skip(job)
+        return {}
+
+    @r.get("/sdapi/v1/options")
+    def get_options(user: User = Depends(current_user)) -> dict[str, Any]:
+        reg = service.engine.registry
+        opts = user.options
+        model = opts.get("model")
+        if not model:
+            try:
+                model = reg.default_checkpoint().title
+            except MuralistError:
+                model = None
+        return {"sd_model_checkpoint": model, "sd_vae": opts.get("vae") or "Automatic",
+                "CLIP_stop_at_last_layers": opts.get("clip_skip", 1), "eta_ancestral": opts.get("eta", 1.0),
+                "samples_format": "png", "outdir_txt2img_samples": "outputs/txt2img-images", "sd_checkpoint_hash": None}
+
+    @r.post("/sdapi/v1/options")
+    def set_options(body: dict[str, Any] = Body(...), user: User = Depends(current_user)) -> dict[str, Any]:
+        reg = service.engine.registry
+        update: dict[str, Any] = {}
+        for opt, value in body.items():
+            field = OPTION_FIELDS.get(opt)
+            if field is None:
+                continue  # A1111 UI options we do not have are accepted and ignored
+            if field == "model" and value:
+                value = reg.find_checkpoint(str(value)).title
+            if field == "vae" and value not in (None, "", "Automatic", "None"):
+                value = reg.find_vae(str(value)).name
+            update[field] = value
+        service.store.set_user_options(user.name, update)  # the caller's defaults only
+        return {}
+
+    @r.get("/sdapi/v1/sd-models")
+    def sd_models(user: User = Depends(current_user)) -> list[dict[str, Any]]:
+        return [{"title": c.title, "model_name": c.model_name, "hash": c.shorthash, "sha256": c.sha256,
+                 "filename": str(c.path), "config": None} for c in service.engine.registry.checkpoints()]
+
+    @r.get("/sdapi/v1/sd-vae")
+    def sd_vae(user: User = Depends(current_user)) -> list[dict[str, Any]]:
+        return [{"model_name": v.name, "filename": str(v.path)} for v in service.engine.registry.vaes()]
+
+    @r.get("/sdapi/v1/samplers")
+    def samplers_(user: User = Depends(current_user)) -> list[dict[str, Any]]:
+        from ..engine import samplers
+
+        return [{"name": s.name, "aliases": list(s.aliases), "options": {"scheduler": s.default_schedule}} for s in samplers.SAMPLERS]
+
+    @r.get("/sdapi/v1/schedulers")
+    def schedulers(user: User = Depends(current_user)) -> list[dict[str, Any]]:
+        from ..engine import samplers
+
+        return [{"name": k, "label": samplers.SCHEDULES[k][0], "aliases": list(samplers.SCHEDULES[k][1]) or None,
+                 "default_rho": -1, "need_inner_model": False} for k in samplers.SUPPORTED_SCHEDULES]
+
+    @r.get("/sdapi/v1/loras")
+    def loras(user: User = Depends(current_user)) -> list[dict[str, Any]]:
+        return [{"name": lo.name, "alias": lo.alias, "path": str(lo.path), "metadata": dict(lo.metadata)} for lo in service.engine.loras.all()]
+
+    @r.get("/sdapi/v1/embeddings")
+    def embeddings(user: User = Depends(current_user)) -> dict[str, Any]:
+        loaded = {name: {"step": e.step, "sd_checkpoint": e.sd_checkpoint, "sd_checkpoint_name": e.sd_checkpoint_name,
+                         "shape": e.shape, "vectors": e.vector_count} for name, e in service.engine.embeddings.all().items()}
+        return {"loaded": loaded, "skipped": {}}
+
+    @r.get("/sdapi/v1/prompt-styles")
+    def prompt_styles(user: User = Depends(current_user)) -> list[dict[str, Any]]:
+        from ..prompts.styles import load_styles
+
+        return [{"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt} for s in load_styles(service.dirs.root / "styles.csv").values()]
+
+    def refresher(name: str, fn: Any) -> None:
+        @r.post(f"/sdapi/v1/{name}", name=name)
+        def refresh(user: User = Depends(current_user)) -> dict[str, Any]:
+            fn()
+            return {}
+
+    refresher("refresh-checkpoints", lambda: service.engine.registry.refresh())
+    refresher("refresh-vae", lambda: service.engine.registry.refresh())
+    refresher("refresh-loras", lambda: service.engine.loras.refresh())
+    refresher("refresh-embeddings", lambda: service.engine.embeddings.refresh())
+    refresher("unload-checkpoint", lambda: None)
+    refresher("reload-checkpoint", lambda: None)
+
+    @r.get("/sdapi/v1/upscalers")
+    def upscalers(user: User = Depends(current_user)) -> list[dict[str, Any]]:
+        return [{"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4} for n in ("None", "Lanczos", "Nearest")]
+
+    @r.get("/sdapi/v1/latent-upscale-modes")
+    def latent_modes(user: User = Depends(current_user)) -> list[dict[str, str]]:
+        return [{"name": n} for n in LATENT_MODES]
+
+    def constant(value: Any) -> Any:
+        def handler(user: User = Depends(current_user)) -> Any:
+            return value
+
+        return handler
+
+    # Features muralist does not have (yet): A1111's shapes, empty.
+    for path, value in (("face-restorers", []), ("realesrgan-models", []), ("hypernetworks", []), ("script-info", []),
+                        ("extensions", []), ("scripts", {"txt2img": [], "img2img": []})):
+        r.add_api_route(f"/sdapi/v1/{path}", constant(value), methods=["GET"], name=path)
+
+    @r.get("/sdapi/v1/cmd-flags")
+    def cmd_flags(user: User = Depends(current_user)) -> dict[str, Any]:
+        return {"data_dir": str(service.dirs.root), "ckpt_dir": str(service.dirs.ckpt_dir), "vae_dir": str(service.dirs.vae_dir),
+                "lora_dir": str(service.dirs.lora_dir), "embeddings_dir": str(service.dirs.embeddings_dir), "api": True, "nowebui": True}
+
+    @r.get("/sdapi/v1/memory")
+    def memory(user: User = Depends(current_user)) -> dict[str, Any]:
+        ram: dict[str, Any] = {}
+        try:
+            pages, size, avail = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE"), os.sysconf("SC_AVPHYS_PAGES")
+            ram = {"total": pages * size, "free": avail * size, "used": (pages - avail) * size}
+        except (ValueError, OSError):
+            pass
+        cuda: dict[str, Any] = {"error": "no CUDA device"}
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                free, total = torch.cuda.mem_get_info()
+                cuda = {"system": {"free": free, "used": total - free, "total": total}}
+        except ImportError:
+            pass
+        return {"ram": ram, "cuda": cuda}
+
+    @r.post("/sdapi/v1/png-info")
+    def png_info(body: dict[str, Any] = Body(...), user: User = Depends(current_user)) -> dict[str, Any]:
+        from ..infotext import parse_infotext, read_infotext
+
+        data = body.get("image")
+        if not data:
+            raise InvalidRequestError("image: a base64 PNG/JPEG/WEBP is required")
+        text = read_infotext(decode_image(data))
+        if text is None:
+            return {"info": "", "items": {}, "parameters": {}}
+        return {"info": text, "items": {"parameters": text}, "parameters": parse_infotext(text)}
+
+    @r.post("/internal/progress")
+    def internal_progress(body: dict[str, Any] = Body(...), user: User = Depends(current_user)) -> dict[str, Any]:
+        job_id = str(body.get("id_task", ""))
+        job = service.store.get(job_id)
+        if job is None or (job.owner != user.name and not user.admin):
+            return {"active": False, "queued": False, "completed": False, "progress": None, "eta": None,
+                    "live_preview": None, "id_live_preview": -1, "textinfo": "Unknown task"}
+        live = service.live.get(job.id)
+        want_preview = body.get("live_preview", True)
+        return {
+            "active": job.status is JobStatus.RUNNING,
+            "queued": job.status is JobStatus.QUEUED,
+            "completed": job.status.finished,
+            "progress": live.fraction if live else (1.0 if job.status.finished else None),
+            "eta": live.eta if live else None,
+            "live_preview": f"data:image/png;base64,{live.preview}" if live and live.preview and want_preview else None,
+            "id_live_preview": live.preview_id if live else -1,
+            "textinfo": f"In queue: position {service.store.position(job.id)}" if job.status is JobStatus.QUEUED else None,
+        }
+
+    @r.get("/internal/pending-tasks")
+    def pending(user: User = Depends(current_user)) -> dict[str, Any]:
+        jobs = service.store.list_jobs(user.name, [JobStatus.QUEUED, JobStatus.RUNNING])
+        return {"size": len(jobs), "tasks": [j.id for j in jobs]}
+
+    app.include_router(r)

@@ -1,0 +1,911 @@
+"""The persistent job queue, users and image records (SQLite embedded by default, PostgreSQL shared).
+
+Interface first: everything that touches the database goes through ``Store``; the HTTP layer and
+the workers never write SQL. State that belongs to a job (its request, model, owner) lives in its
+row, so a restart or another worker process sees exactly what was asked.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import re
+import secrets
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from ..errors import InvalidRequestError, MuralistError, NotFoundError
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
+
+
+@dataclass
+class Job:
+    id: str  # 32 hex chars, or the client's own id (A1111's force_task_id)
+    owner: str  # user name
+    type: str  # "txt2img" (img2img, extras, training later)
+    params: dict[str, Any]  # the validated request, A1111 field names
+    status: JobStatus
+    priority: int = 0  # higher runs first, within one user's jobs
+    model_key: str | None = None  # checkpoint the job needs (its sha256), for model affinity
+    created_at: float = 0.0  # unix time
+    started_at: float | None = None
+    finished_at: float | None = None
+    attempts: int = 0  # times a worker claimed it
+    worker: str | None = None
+    cancel_requested: bool = False  # set while running; the worker interrupts it
+    result: dict[str, Any] | None = None  # {"images": [image ids], "infotexts": [...], "seeds": [...], "warnings": [...]}
+    error: str | None = None
+
+
+@dataclass
+class User:
+    name: str
+    admin: bool = False
+    created_at: float = 0.0
+    options: dict[str, Any] = field(default_factory=dict)  # the user's defaults (A1111 options subset)
+    limits: dict[str, Any] = field(default_factory=dict)  # overrides of the server's per-user limits
+    has_key: bool = False  # holds an API key (users made by ensure_user have none)
+    last_served_at: float | None = None  # when a worker last took one of their jobs (fair scheduling)
+
+
+@dataclass
+class ImageRecord:
+    id: str
+    job_id: str
+    owner: str
+    path: str  # relative to the data folder
+    infotext: str
+    seed: int
+    index: int  # position in the job's result
+    created_at: float = 0.0
+
+
+class LimitError(MuralistError):
+    """A per-user limit (queued jobs, rate) is reached; the message names the limit. HTTP 429."""
+
+    http_status = 429
+
+
+# ---------------------------------------------------------------- schema
+
+# Ordered migration steps; step N (1-based) brings the schema to version N. Never edit a released
+# step: append a new one. The SQL is written once for both engines (types both accept: TEXT,
+# INTEGER for booleans, BIGINT, DOUBLE PRECISION; JSON as TEXT).
+MIGRATIONS: list[list[str]] = [
+    [
+        """CREATE TABLE users (
+            name TEXT PRIMARY KEY,
+            admin INTEGER NOT NULL DEFAULT 0,
+            key_hash TEXT UNIQUE,
+            created_at DOUBLE PRECISION NOT NULL,
+            options TEXT NOT NULL DEFAULT '{}',
+            limits TEXT NOT NULL DEFAULT '{}',
+            last_served_at DOUBLE PRECISION
+        )""",
+        """CREATE TABLE jobs (
+            id TEXT PRIMARY KEY,
+            seq BIGINT NOT NULL,
+            owner TEXT NOT NULL,
+            type TEXT NOT NULL,
+            params TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('queued', 'running', 'succeeded', 'failed', 'canceled')),
+            priority INTEGER NOT NULL DEFAULT 0,
+            model_key TEXT,
+            created_at DOUBLE PRECISION NOT NULL,
+            started_at DOUBLE PRECISION,
+            finished_at DOUBLE PRECISION,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            worker TEXT,
+            cancel_requested INTEGER NOT NULL DEFAULT 0,
+            result TEXT,
+            error TEXT
+        )""",
+        "CREATE INDEX jobs_queue ON jobs (status, priority, created_at)",
+        "CREATE INDEX jobs_owner ON jobs (owner, created_at)",
+        "CREATE UNIQUE INDEX jobs_seq ON jobs (seq)",
+        """CREATE TABLE images (
+            id TEXT PRIMARY KEY,
+            job_id TEXT NOT NULL REFERENCES jobs (id),
+            owner TEXT NOT NULL,
+            path TEXT NOT NULL,
+            infotext TEXT NOT NULL,
+            seed BIGINT NOT NULL,
+            idx INTEGER NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL
+        )""",
+        "CREATE INDEX images_owner ON images (owner, created_at)",
+        "CREATE INDEX images_job ON images (job_id)",
+    ],
+]
+
+_SCHEMA_VERSION_DDL = (
+    "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)"
+)
+_FINISHED_SQL = "('succeeded', 'failed', 'canceled')"
+_NAME_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+# A1111 clients send ids like "task(abc123)"; anything else that is safe in a URL or a log line.
+_JOB_ID_RE = re.compile(r"[A-Za-z0-9_.:()@+\-]{1,128}")
+
+# Round-robin over users in SQL: a user's n-th job (by priority, then age) comes in round n;
+# within a round, users go least-recently-served first (never served first), ties by their oldest
+# queued job. That is exactly the order of serving one job at a time and sending the served user
+# to the back, so queue_order(), position() and claim_next() agree.
+_FAIR_ORDER_SQL = """
+SELECT {cols} FROM (
+    SELECT j.*,
+           ROW_NUMBER() OVER (PARTITION BY j.owner ORDER BY j.priority DESC, j.created_at, j.seq) AS round_no,
+           MIN(j.seq) OVER (PARTITION BY j.owner) AS first_seq,
+           MIN(j.created_at) OVER (PARTITION BY j.owner) AS first_at
+    FROM jobs j WHERE j.status = 'queued'
+) q LEFT JOIN users u ON u.name = q.owner
+ORDER BY q.round_no,
+         CASE WHEN u.last_served_at IS NULL THEN 0 ELSE 1 END, u.last_served_at,
+         q.first_at, q.first_seq, q.owner
+"""
+
+
+# ---------------------------------------------------------------- engines
+
+
+class _Tx:
+    """One open transaction: SQL written with ``?`` placeholders, rows as dicts, on either engine."""
+
+    def __init__(self, conn: Any, translate: Callable[[str], str]) -> None:
+        self._conn = conn
+        self._translate = translate
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        return self._conn.execute(self._translate(sql), tuple(params)).rowcount
+
+    def rows(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        cur = self._conn.execute(self._translate(sql), tuple(params))
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+
+    def row(self, sql: str, params: Sequence[Any] = ()) -> dict[str, Any] | None:
+        rows = self.rows(sql, params)
+        return rows[0] if rows else None
+
+    def value(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        row = self._conn.execute(self._translate(sql), tuple(params)).fetchone()
+        return None if row is None else row[0]
+
+
+class _SQLite:
+    name = "sqlite"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.integrity_errors: tuple[type[Exception], ...] = (sqlite3.IntegrityError,)
+        # BEGIN IMMEDIATE already serializes writers, across processes too; this in-process lock
+        # makes threads queue on a mutex instead of in SQLite's sleeping busy handler.
+        self._write_lock = threading.Lock()
+
+    def connect(self) -> sqlite3.Connection:
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves. check_same_thread=False: pooled
+        # connections move between threads, but only one thread uses a connection at a time.
+        conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout = 30000")
+        # WAL: readers never block the writer. The mode is stored in the file, so only the first
+        # connection ever switches it; that switch can fail with "database is locked" without
+        # waiting (when several processes open a fresh file at once), hence the retries.
+        deadline = time.monotonic() + 30.0
+        while conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+            try:
+                if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower() == "wal":
+                    break
+            except sqlite3.OperationalError:
+                if time.monotonic() > deadline:
+                    conn.close()
+                    raise
+            if time.monotonic() > deadline:
+                break  # a file system without WAL support: the default journal works, more slowly
+            time.sleep(0.01)
+        conn.execute("PRAGMA synchronous = NORMAL")  # durable enough in WAL mode, much faster
+        conn.execute("PRAGMA foreign_keys = ON")
+        return conn
+
+    def setup(self, conn: Any) -> None:
+        pass
+
+    @staticmethod
+    def translate(sql: str) -> str:
+        return sql
+
+    def guard(self, write: bool) -> AbstractContextManager[Any]:
+        return self._write_lock if write else nullcontext()
+
+    def begin(self, conn: Any, write: bool, lock: str | None) -> None:
+        # Deferred transactions that later write can fail at once with SQLITE_BUSY; IMMEDIATE waits.
+        conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+
+    def healthy(self, conn: Any) -> bool:
+        return not conn.in_transaction
+
+    def ping(self, conn: Any) -> bool:
+        return True
+
+
+class _Postgres:
+    name = "postgresql"
+
+    def __init__(self, url: str) -> None:
+        import psycopg
+
+        self._psycopg = psycopg
+        self.url = url
+        self.integrity_errors = (psycopg.IntegrityError,)
+        self._lock_keys: dict[str, int] = {}
+
+    def connect(self) -> Any:
+        try:
+            return self._psycopg.connect(self.url, autocommit=True, connect_timeout=10)
+        except self._psycopg.OperationalError as e:
+            raise MuralistError(f"cannot connect to PostgreSQL at {_redact(self.url)}: {str(e).strip()}") from None
+
+    def setup(self, conn: Any) -> None:
+        # Advisory locks are database-wide; derive their keys from the schema so that stores in
+        # different schemas (tests, several deployments in one database) never wait on each other.
+        schema = conn.execute("SELECT current_schema()").fetchone()[0]
+        if schema is None:
+            raise MuralistError(f"PostgreSQL at {_redact(self.url)}: the search_path names no existing schema")
+        for name in ("migrate", "queue"):
+            digest = hashlib.sha256(f"muralist:{schema}:{name}".encode()).digest()
+            self._lock_keys[name] = int.from_bytes(digest[:8], "big", signed=True)
+
+    @staticmethod
+    @functools.lru_cache(maxsize=256)
+    def translate(sql: str) -> str:
+        return sql.replace("%", "%%").replace("?", "%s")
+
+    def guard(self, write: bool) -> AbstractContextManager[Any]:
+        return nullcontext()
+
+    def begin(self, conn: Any, write: bool, lock: str | None) -> None:
+        if write:
+            conn.execute("BEGIN")
+            if lock is not None:
+                # Held until COMMIT/ROLLBACK; later statements (READ COMMITTED) see what the previous
+                # holder committed, so claims and submits are serialized without table locks.
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (self._lock_keys[lock],))
+        else:
+            conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")  # one snapshot for all reads
+
+    def healthy(self, conn: Any) -> bool:
+        return not conn.closed and conn.info.transaction_status == self._psycopg.pq.TransactionStatus.IDLE
+
+    def ping(self, conn: Any) -> bool:
+        try:
+            conn.execute("SELECT 1")
+            return True
+        except self._psycopg.Error:
+            return False
+
+
+def _redact(url: str) -> str:
+    return re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", url)
+
+
+class _Pool:
+    """At most ``size`` connections, reused across threads (HTTP servers start a thread per
+    request, so per-thread connections would pile up)."""
+
+    _PING_AFTER = 30.0  # seconds idle after which a connection is checked before reuse
+
+    def __init__(self, engine: _SQLite | _Postgres, size: int) -> None:
+        self._engine = engine
+        self._idle: list[tuple[Any, float]] = []
+        self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(size)
+        self._closed = False
+
+    @contextmanager
+    def connection(self) -> Iterator[Any]:
+        with self._slots:
+            conn = None
+            while conn is None:
+                with self._lock:
+                    if self._closed:
+                        raise RuntimeError("the store is closed")
+                    conn, since = self._idle.pop() if self._idle else (None, 0.0)
+                if conn is None:
+                    conn = self._engine.connect()
+                elif time.monotonic() - since > self._PING_AFTER and not self._engine.ping(conn):
+                    _close_quietly(conn)  # e.g. the PostgreSQL server restarted meanwhile
+                    conn = None
+            try:
+                yield conn
+            finally:
+                self._release(conn)
+
+    def _release(self, conn: Any) -> None:
+        try:
+            ok = self._engine.healthy(conn)
+        except Exception:
+            ok = False
+        with self._lock:
+            if ok and not self._closed:
+                self._idle.append((conn, time.monotonic()))
+                return
+        _close_quietly(conn)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for conn, _ in idle:
+            _close_quietly(conn)
+
+
+def _close_quietly(conn: Any) -> None:
+    with suppress(Exception):
+        conn.close()
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _check_name(name: str) -> None:
+    # Names end up in folder names (outputs/<user>/...): ASCII only, and no "." or "..".
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or set(name) == {"."}:
+        raise InvalidRequestError(
+            f"invalid user name {name!r}: use 1-64 letters, digits, '_', '.' or '-' (not only dots)"
+        )
+
+
+def _new_key() -> str:
+    return "mur_" + secrets.token_urlsafe(24)  # 24 random bytes = 32 URL-safe characters
+
+
+def _hash_key(key: str) -> str:
+    # Keys carry 192 random bits, so a fast unsalted hash is enough (no password stretching needed).
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _text(value: str) -> str:
+    return value.replace("\x00", "")  # PostgreSQL TEXT refuses NUL; strip it on both engines alike
+
+
+def _user(row: dict[str, Any]) -> User:
+    return User(
+        name=row["name"],
+        admin=bool(row["admin"]),
+        created_at=row["created_at"],
+        options=json.loads(row["options"]),
+        limits=json.loads(row["limits"]),
+        has_key=row["key_hash"] is not None,
+        last_served_at=row["last_served_at"],
+    )
+
+
+def _job(row: dict[str, Any]) -> Job:
+    return Job(
+        id=row["id"],
+        owner=row["owner"],
+        type=row["type"],
+        params=json.loads(row["params"]),
+        status=JobStatus(row["status"]),
+        priority=row["priority"],
+        model_key=row["model_key"],
+        created_at=row["created_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        attempts=row["attempts"],
+        worker=row["worker"],
+        cancel_requested=bool(row["cancel_requested"]),
+        result=None if row["result"] is None else json.loads(row["result"]),
+        error=row["error"],
+    )
+
+
+def _image(row: dict[str, Any]) -> ImageRecord:
+    return ImageRecord(
+        id=row["id"],
+        job_id=row["job_id"],
+        owner=row["owner"],
+        path=row["path"],
+        infotext=row["infotext"],
+        seed=row["seed"],
+        index=row["idx"],
+        created_at=row["created_at"],
+    )
+
+
+def _pick(candidates: list[dict[str, Any]], loaded: Collection[str], max_wait: float, now: float) -> dict[str, Any]:
+    """Model affinity: the fair first job, unless a job a little further on needs a loaded model
+    and the first has not yet waited ``max_wait`` seconds (so no job waits forever)."""
+    first = candidates[0]
+    if first["model_key"] is None or first["model_key"] in loaded or now - first["created_at"] > max_wait:
+        return first
+    for cand in candidates[1:]:
+        if cand["model_key"] is not None and cand["model_key"] in loaded:
+            return cand
+    return first
+
+
+# ---------------------------------------------------------------- the store
+
+
+class Store:
+    """Users, jobs and images in SQLite or PostgreSQL. Thread-safe; every method is one transaction.
+
+    Job state machine: queued -> running -> succeeded | failed | canceled, and queued -> canceled.
+    Every transition is a conditional UPDATE on the current status, so racing callers (a cancel
+    and a claim, two workers) cannot both win. Only succeeded jobs keep image records: finishing a
+    job whose cancel was requested, failing or canceling it drops its records and returns their
+    paths (relative to the data folder) so the caller can delete the files.
+    """
+
+    def __init__(self, engine: _SQLite | _Postgres, pool_size: int = 8) -> None:
+        self._engine = engine
+        self.backend: str = engine.name  # "sqlite" or "postgresql"
+        self._pool = _Pool(engine, pool_size)
+        self._local = threading.local()
+        try:
+            with self._pool.connection() as conn:
+                engine.setup(conn)
+            self._migrate()
+        except BaseException:
+            self._pool.close()
+            raise
+
+    # ------------------------------------------------------------ plumbing
+
+    @contextmanager
+    def _tx(self, write: bool = False, lock: str | None = None) -> Iterator[_Tx]:
+        """One transaction on a pooled connection. ``lock="queue"`` serializes with claims and
+        submits on PostgreSQL (SQLite write transactions are serialized anyway)."""
+        if getattr(self._local, "in_tx", False):
+            raise RuntimeError("nested Store transaction")  # would deadlock on the pool or the lock
+        self._local.in_tx = True
+        try:
+            with self._pool.connection() as conn, self._engine.guard(write):
+                self._engine.begin(conn, write, lock)
+                try:
+                    yield _Tx(conn, self._engine.translate)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    with suppress(Exception):
+                        conn.execute("ROLLBACK")
+                    raise  # the pool drops the connection if the rollback failed too
+        finally:
+            self._local.in_tx = False
+
+    def _migrate(self) -> None:
+        # One transaction under the migration lock: a second process opening at the same time
+        # waits, then finds the schema current. DDL is transactional on both engines.
+        with self._tx(write=True, lock="migrate") as tx:
+            tx.execute(_SCHEMA_VERSION_DDL)
+            current = tx.value("SELECT COALESCE(MAX(version), 0) FROM schema_version")
+            if current > len(MIGRATIONS):
+                raise MuralistError(
+                    f"the database schema is version {current}, newer than this muralist knows "
+                    f"({len(MIGRATIONS)}); upgrade muralist"
+                )
+            for version in range(current + 1, len(MIGRATIONS) + 1):
+                for statement in MIGRATIONS[version - 1]:
+                    tx.execute(statement)
+                tx.execute("INSERT INTO schema_version (version, applied_at) VALUES (?, ?)", (version, time.time()))
+
+    def schema_version(self) -> int:
+        """The schema version the database is at (``len(MIGRATIONS)`` once opened)."""
+        with self._tx() as tx:
+            return int(tx.value("SELECT COALESCE(MAX(version), 0) FROM schema_version"))
+
+    def close(self) -> None:
+        """Close the pooled connections; later calls raise RuntimeError. Idempotent."""
+        self._pool.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ users
+
+    def add_user(self, name: str, admin: bool = False) -> str:
+        """Create a user and return their new API key (only its hash is stored)."""
+        _check_name(name)
+        key = _new_key()
+        try:
+            with self._tx(write=True) as tx:
+                # Case-insensitive: names become folder names, and macOS/Windows folders ignore case.
+                if tx.value("SELECT name FROM users WHERE lower(name) = lower(?)", (name,)) is not None:
+                    raise InvalidRequestError(f"user {name!r} already exists")
+                tx.execute(
+                    "INSERT INTO users (name, admin, key_hash, created_at, options, limits) VALUES (?, ?, ?, ?, '{}', '{}')",
+                    (name, int(admin), _hash_key(key), time.time()),
+                )
+        except self._engine.integrity_errors:
+            raise InvalidRequestError(f"user {name!r} already exists") from None
+        return key
+
+    def ensure_user(self, name: str, admin: bool = False) -> User:
+        """The user, created without an API key if missing (HTTP Basic users, the local user).
+        An existing user is returned unchanged (``admin`` only applies on creation)."""
+        _check_name(name)
+        with self._tx(write=True) as tx:
+            tx.execute(
+                "INSERT INTO users (name, admin, key_hash, created_at, options, limits) VALUES (?, ?, NULL, ?, '{}', '{}') "
+                "ON CONFLICT (name) DO NOTHING",
+                (name, int(admin), time.time()),
+            )
+            row = tx.row("SELECT * FROM users WHERE name = ?", (name,))
+        assert row is not None
+        return _user(row)
+
+    def remove_user(self, name: str) -> bool:
+        """Delete the account (its key stops working) and cancel its queued and running jobs.
+        Finished jobs and image records stay (list_images(name) to delete them). False if unknown."""
+        now = time.time()
+        with self._tx(write=True, lock="queue") as tx:
+            if not tx.execute("DELETE FROM users WHERE name = ?", (name,)):
+                return False
+            tx.execute(
+                "UPDATE jobs SET status = 'canceled', finished_at = ?, error = 'the user was removed' "
+                "WHERE owner = ? AND status = 'queued'",
+                (now, name),
+            )
+            tx.execute("UPDATE jobs SET cancel_requested = 1 WHERE owner = ? AND status = 'running'", (name,))
+        return True
+
+    def reset_key(self, name: str) -> str:
+        """Replace the user's API key (the old one stops working); returns the new key."""
+        key = _new_key()
+        with self._tx(write=True) as tx:
+            if not tx.execute("UPDATE users SET key_hash = ? WHERE name = ?", (_hash_key(key), name)):
+                raise NotFoundError(f"no user {name!r}")
+        return key
+
+    def list_users(self) -> list[User]:
+        with self._tx() as tx:
+            return [_user(r) for r in tx.rows("SELECT * FROM users ORDER BY name")]
+
+    def get_user(self, name: str) -> User | None:
+        with self._tx() as tx:
+            row = tx.row("SELECT * FROM users WHERE name = ?", (name,))
+        return None if row is None else _user(row)
+
+    def user_by_key(self, key: str) -> User | None:
+        """The user owning this API key. Looked up by hash, so timing reveals nothing useful."""
+        if not key:
+            return None
+        with self._tx() as tx:
+            row = tx.row("SELECT * FROM users WHERE key_hash = ?", (_hash_key(key),))
+        return None if row is None else _user(row)
+
+    def set_user_options(self, name: str, options: dict[str, Any]) -> None:
+        """Merge into the user's options; a value of None removes that option."""
+        self._merge_json(name, "options", options)
+
+    def set_user_limits(self, name: str, limits: dict[str, Any]) -> None:
+        """Merge into the user's limit overrides; a value of None removes the override."""
+        self._merge_json(name, "limits", limits)
+
+    def _merge_json(self, name: str, column: str, update: dict[str, Any]) -> None:
+        if not isinstance(update, dict):
+            raise InvalidRequestError(f"{column} must be an object")
+        with self._tx(write=True) as tx:
+            current = tx.value(f"SELECT {column} FROM users WHERE name = ?", (name,))
+            if current is None:
+                raise NotFoundError(f"no user {name!r}")
+            merged = json.loads(current)
+            for k, v in update.items():
+                if v is None:
+                    merged.pop(k, None)
+                else:
+                    merged[k] = v
+            tx.execute(f"UPDATE users SET {column} = ? WHERE name = ?", (_dumps(merged), name))
+
+    # ------------------------------------------------------------ jobs
+
+    def submit(
+        self,
+        owner: str,
+        type: str,
+        params: dict[str, Any],
+        priority: int = 0,
+        model_key: str | None = None,
+        job_id: str | None = None,
+        max_queued: int | None = None,
+    ) -> Job:
+        """Queue a job. ``max_queued``: refuse (LimitError) if the owner already has that many
+        queued or running jobs. A duplicate or malformed ``job_id`` is an InvalidRequestError."""
+        if job_id is None:
+            job_id = uuid.uuid4().hex
+        elif not isinstance(job_id, str) or not _JOB_ID_RE.fullmatch(job_id):
+            raise InvalidRequestError(
+                f"invalid job id {job_id!r}: use 1-128 letters, digits or any of _ . : ( ) @ + -"
+            )
+        params_json = _dumps(params)
+        now = time.time()
+        try:
+            # The queue lock makes the limit check and the sequence number race-free.
+            with self._tx(write=True, lock="queue") as tx:
+                if tx.value("SELECT 1 FROM users WHERE name = ?", (owner,)) is None:
+                    raise NotFoundError(f"no user {owner!r}")
+                if tx.value("SELECT 1 FROM jobs WHERE id = ?", (job_id,)) is not None:
+                    raise InvalidRequestError(f"a job with id {job_id!r} already exists")
+                if max_queued is not None:
+                    active = tx.value(
+                        "SELECT COUNT(*) FROM jobs WHERE owner = ? AND status IN ('queued', 'running')", (owner,)
+                    )
+                    if active >= max_queued:
+                        raise LimitError(
+                            f"you already have {active} queued or running jobs; the limit is max_queued={max_queued}. "
+                            "Wait for some to finish or cancel them"
+                        )
+                # seq: a strict insertion order, the last tie-break when timestamps are equal.
+                seq = tx.value("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs")
+                tx.execute(
+                    "INSERT INTO jobs (id, seq, owner, type, params, status, priority, model_key, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?)",
+                    (job_id, seq, owner, type, params_json, int(priority), model_key, now),
+                )
+        except self._engine.integrity_errors:
+            raise InvalidRequestError(f"a job with id {job_id!r} already exists") from None
+        return Job(job_id, owner, type, json.loads(params_json), JobStatus.QUEUED, int(priority), model_key, now)
+
+    def get(self, job_id: str) -> Job | None:
+        with self._tx() as tx:
+            row = tx.row("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        return None if row is None else _job(row)
+
+    def list_jobs(
+        self, owner: str | None, statuses: list[JobStatus] | None = None, limit: int = 100, offset: int = 0
+    ) -> list[Job]:
+        """Jobs, newest first; ``owner=None`` lists everyone's."""
+        where, params = [], []
+        if owner is not None:
+            where.append("owner = ?")
+            params.append(owner)
+        if statuses is not None:
+            if not statuses:
+                return []
+            where.append(f"status IN ({', '.join('?' * len(statuses))})")
+            params.extend(JobStatus(s).value for s in statuses)  # .value: psycopg dumps enums by name
+        sql = "SELECT * FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
+        sql += " ORDER BY created_at DESC, seq DESC LIMIT ? OFFSET ?"
+        with self._tx() as tx:
+            return [_job(r) for r in tx.rows(sql, (*params, max(0, int(limit)), max(0, int(offset))))]
+
+    def request_cancel(self, job_id: str) -> Job | None:
+        """Cancel a queued job now; flag a running one (its worker interrupts it and calls
+        mark_canceled, or finish turns it canceled). Finished jobs are unchanged. None if unknown."""
+        with self._tx(write=True) as tx:
+            if not tx.execute(
+                "UPDATE jobs SET status = 'canceled', finished_at = ? WHERE id = ? AND status = 'queued'",
+                (time.time(), job_id),
+            ):
+                tx.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND status = 'running'", (job_id,))
+            row = tx.row("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        return None if row is None else _job(row)
+
+    def finish(self, job_id: str, result: dict[str, Any]) -> list[str]:
+        """Running -> succeeded with ``result``. If a cancel was requested meanwhile the job becomes
+        canceled instead: its result is discarded and its image records deleted; their paths are
+        returned so the caller can delete the files ([] otherwise, or if the job is not running)."""
+        now = time.time()
+        with self._tx(write=True) as tx:
+            if tx.execute(
+                "UPDATE jobs SET status = 'succeeded', finished_at = ?, result = ?, error = NULL "
+                "WHERE id = ? AND status = 'running' AND cancel_requested = 0",
+                (now, _dumps(result), job_id),
+            ):
+                return []
+            if tx.execute(
+                "UPDATE jobs SET status = 'canceled', finished_at = ? WHERE id = ? AND status = 'running'", (now, job_id)
+            ):
+                return self._drop_images(tx, job_id)
+        return []
+
+    def fail(self, job_id: str, error: str) -> list[str]:
+        """Queued or running -> failed with ``error``; returns the paths of dropped image records."""
+        return self._end(job_id, "failed", _text(error))
+
+    def mark_canceled(self, job_id: str) -> list[str]:
+        """Queued or running -> canceled (after the worker interrupted it); returns dropped image paths."""
+        return self._end(job_id, "canceled", None)
+
+    def _end(self, job_id: str, status: str, error: str | None) -> list[str]:
+        with self._tx(write=True) as tx:
+            if tx.execute(
+                "UPDATE jobs SET status = ?, finished_at = ?, error = ? WHERE id = ? AND status IN ('queued', 'running')",
+                (status, time.time(), error, job_id),
+            ):
+                return self._drop_images(tx, job_id)
+        return []
+
+    @staticmethod
+    def _drop_images(tx: _Tx, job_id: str) -> list[str]:
+        paths = [r["path"] for r in tx.rows("SELECT path FROM images WHERE job_id = ? ORDER BY idx", (job_id,))]
+        tx.execute("DELETE FROM images WHERE job_id = ?", (job_id,))
+        return paths
+
+    # ------------------------------------------------------------ scheduling
+
+    def claim_next(
+        self,
+        worker: str,
+        loaded_models: set[str] | frozenset[str] = frozenset(),
+        lookahead: int = 4,
+        affinity_max_wait: float = 60.0,
+        now: float | None = None,
+    ) -> Job | None:
+        """Atomically take the next job for ``worker`` and mark it running; None if the queue is empty.
+
+        Fair across users (see queue_order), with model affinity: among the first ``lookahead``
+        jobs in fair order, one whose model is in ``loaded_models`` goes before a first job that
+        would need a model swap, unless that first job has waited over ``affinity_max_wait`` s.
+        ``now`` (for tests) stands for the current time in every timestamp this call writes.
+        """
+        now = time.time() if now is None else now
+        with self._tx(write=True, lock="queue") as tx:
+            while True:
+                candidates = tx.rows(_FAIR_ORDER_SQL.format(cols="q.*") + " LIMIT ?", (max(1, int(lookahead)),))
+                if not candidates:
+                    return None
+                chosen = _pick(candidates, loaded_models, affinity_max_wait, now)
+                # Conditional: on PostgreSQL a concurrent request_cancel (which takes no queue lock)
+                # may have canceled it since our SELECT; then pick again.
+                if tx.execute(
+                    "UPDATE jobs SET status = 'running', attempts = attempts + 1, started_at = ?, worker = ?, "
+                    "cancel_requested = 0 WHERE id = ? AND status = 'queued'",
+                    (now, worker, chosen["id"]),
+                ):
+                    break
+            # Strictly later than anyone served before, so the served user goes to the back even
+            # with equal clock readings or clocks that differ between machines.
+            latest = tx.value("SELECT MAX(last_served_at) FROM users")
+            served = now if latest is None else max(now, latest + 1e-6)
+            tx.execute("UPDATE users SET last_served_at = ? WHERE name = ?", (served, chosen["owner"]))
+            row = tx.row("SELECT * FROM jobs WHERE id = ?", (chosen["id"],))
+        assert row is not None
+        return _job(row)
+
+    def queue_order(self, limit: int | None = None) -> list[Job]:
+        """Queued jobs in the order they will be claimed, ignoring model affinity."""
+        with self._tx() as tx:
+            if limit is None:
+                rows = tx.rows(_FAIR_ORDER_SQL.format(cols="q.*"))
+            else:
+                rows = tx.rows(_FAIR_ORDER_SQL.format(cols="q.*") + " LIMIT ?", (max(0, int(limit)),))
+        return [_job(r) for r in rows]
+
+    def position(self, job_id: str) -> int | None:
+        """Place of a queued job in queue_order() (0 = next); None if it is not queued."""
+        with self._tx() as tx:
+            if tx.value("SELECT status FROM jobs WHERE id = ?", (job_id,)) != "queued":
+                return None
+            ids = [r["id"] for r in tx.rows(_FAIR_ORDER_SQL.format(cols="q.id"))]
+        return ids.index(job_id) if job_id in ids else None
+
+    def queue_counts(self) -> dict[str, int]:
+        """Number of queued jobs per owner (owners with none are absent)."""
+        with self._tx() as tx:
+            rows = tx.rows("SELECT owner, COUNT(*) AS n FROM jobs WHERE status = 'queued' GROUP BY owner ORDER BY owner")
+        return {r["owner"]: int(r["n"]) for r in rows}
+
+    def recover(self, worker_prefix: str | None = None, max_attempts: int = 2) -> tuple[int, int]:
+        """At start-up: jobs left running by a process that died (those whose worker name starts
+        with ``worker_prefix``; all if None) are re-queued if claimed fewer than ``max_attempts``
+        times, else failed. A job whose cancel was requested is canceled instead (counted in
+        neither). Their partial image records are dropped. Returns (requeued, failed)."""
+        now = time.time()
+        requeued = failed = 0
+        sql = "SELECT id, attempts, cancel_requested FROM jobs WHERE status = 'running'"
+        params: tuple[Any, ...] = ()
+        if worker_prefix is not None:
+            sql += " AND substr(worker, 1, ?) = ?"
+            params = (len(worker_prefix), worker_prefix)
+        with self._tx(write=True, lock="queue") as tx:
+            for row in tx.rows(sql, params):
+                self._drop_images(tx, row["id"])
+                if row["cancel_requested"]:
+                    tx.execute("UPDATE jobs SET status = 'canceled', finished_at = ? WHERE id = ?", (now, row["id"]))
+                elif row["attempts"] < max_attempts:
+                    # Keeps created_at, so it goes back to its place near the front of the queue.
+                    tx.execute(
+                        "UPDATE jobs SET status = 'queued', started_at = NULL, worker = NULL WHERE id = ?", (row["id"],)
+                    )
+                    requeued += 1
+                else:
+                    n = row["attempts"]
+                    tx.execute(
+                        "UPDATE jobs SET status = 'failed', finished_at = ?, error = ? WHERE id = ?",
+                        (now, f"the server stopped while this job ran ({n} attempt{'s' if n != 1 else ''})", row["id"]),
+                    )
+                    failed += 1
+        return requeued, failed
+
+    # ------------------------------------------------------------ images
+
+    def add_image(self, job_id: str, owner: str, path: str, infotext: str, seed: int, index: int) -> ImageRecord:
+        """Record an image of a job; ``path`` is relative to the data folder."""
+        rec = ImageRecord(uuid.uuid4().hex, job_id, owner, path, _text(infotext), int(seed), int(index), time.time())
+        with self._tx(write=True) as tx:
+            if tx.value("SELECT 1 FROM jobs WHERE id = ?", (job_id,)) is None:
+                raise NotFoundError(f"no job {job_id!r}")
+            tx.execute(
+                "INSERT INTO images (id, job_id, owner, path, infotext, seed, idx, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (rec.id, rec.job_id, rec.owner, rec.path, rec.infotext, rec.seed, rec.index, rec.created_at),
+            )
+        return rec
+
+    def get_image(self, image_id: str) -> ImageRecord | None:
+        with self._tx() as tx:
+            row = tx.row("SELECT * FROM images WHERE id = ?", (image_id,))
+        return None if row is None else _image(row)
+
+    def list_images(self, owner: str | None, limit: int = 100, offset: int = 0) -> list[ImageRecord]:
+        """Image records, newest first; ``owner=None`` lists everyone's."""
+        sql = "SELECT * FROM images" + (" WHERE owner = ?" if owner is not None else "")
+        sql += " ORDER BY created_at DESC, idx DESC LIMIT ? OFFSET ?"
+        params = (() if owner is None else (owner,)) + (max(0, int(limit)), max(0, int(offset)))
+        with self._tx() as tx:
+            return [_image(r) for r in tx.rows(sql, params)]
+
+    def delete_image(self, image_id: str) -> bool:
+        """Delete the record (not the file; the job's result keeps listing the id)."""
+        with self._tx(write=True) as tx:
+            return bool(tx.execute("DELETE FROM images WHERE id = ?", (image_id,)))
+
+    def prune(self, finished_before: float) -> tuple[int, list[str]]:
+        """Delete jobs that finished before ``finished_before`` and their image records.
+        Returns (jobs deleted, the deleted images' paths); deleting the files is the caller's job."""
+        cond = f"status IN {_FINISHED_SQL} AND finished_at < ?"
+        with self._tx(write=True) as tx:
+            paths = [
+                r["path"]
+                for r in tx.rows(f"SELECT path FROM images WHERE job_id IN (SELECT id FROM jobs WHERE {cond})", (finished_before,))
+            ]
+            tx.execute(f"DELETE FROM images WHERE job_id IN (SELECT id FROM jobs WHERE {cond})", (finished_before,))
+            n = tx.execute(f"DELETE FROM jobs WHERE {cond}", (finished_before,))
+        return n, paths
+
+
+def open_store(url: str | None, data_dir: Path, pool_size: int = 8) -> Store:
+    """Open (creating and migrating as needed) the store.
+
+    ``None``: SQLite file ``data_dir/muralist.db``. ``sqlite:///abs/path.db`` (``sqlite:////abs``
+    works too). ``postgresql://user@host:port/db`` (``postgres://`` too; choose a schema with
+    ``?options=-csearch_path%3Dname``).
+    """
+    if url is None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        return Store(_SQLite(data_dir / "muralist.db"), pool_size)
+    if url.startswith("sqlite:"):
+        rest = url[len("sqlite:") :]
+        if not rest.startswith("///") or len(rest.strip("/")) == 0 or ":memory:" in rest:
+            raise MuralistError(f"bad SQLite URL {url!r}: write sqlite:///absolute/path/muralist.db")
+        path = Path("/" + rest.lstrip("/"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return Store(_SQLite(path), pool_size)
+    if url.startswith(("postgresql://", "postgres://")):
+        return Store(_Postgres(url), pool_size)
+    raise MuralistError(f"unsupported database URL {_redact(url)!r}: use sqlite:///path or postgresql://...")

@@ -1,0 +1,95 @@
+"""Run a real muralist server (uvicorn on a free port) for tests, in-process or as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def copy_models(a1111_models: Path, root: Path, names: tuple[str, ...] = ("tiny-sd15.safetensors", "tiny-sd15-b.ckpt")) -> Path:
+    ckpt = root / "models" / "Stable-diffusion"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        shutil.copy(a1111_models / "models" / "Stable-diffusion" / n, ckpt / n)
+    return root
+
+
+@contextmanager
+def running_server(root: Path, database: str | None = None, api_auth: dict[str, str] | None = None,
+                   workers: int = 1, **settings) -> Iterator[tuple[str, object]]:
+    """An in-process server; yields (base URL, Service)."""
+    import uvicorn
+
+    from muralist.paths import DataDirs
+    from muralist.service.app import AuthConfig, create_app
+    from muralist.service.core import Service, Settings
+    from muralist.service.store import open_store
+
+    dirs = DataDirs.from_options(root)
+    dirs.ensure()
+    store = open_store(database, root)
+    service = Service(dirs, store, Settings(workers=workers, device="cpu", **settings))
+    app = create_app(service, AuthConfig(api_auth or {}))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline:
+            raise RuntimeError("server did not start")
+        time.sleep(0.05)
+    try:
+        yield url, service
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        store.close()
+
+
+def serve_subprocess(root: Path, port: int, database: str | None = None) -> subprocess.Popen:
+    args = [sys.executable, "-m", "muralist.cli", "serve", "--data-dir", str(root), "--port", str(port)]
+    if database:
+        args += ["--database", database]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def wait_http(url: str, timeout: float = 60) -> float:
+    """Seconds until ``url``/api/v1/health answers."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        try:
+            if httpx.get(url + "/api/v1/health", timeout=1).status_code == 200:
+                return time.monotonic() - t0
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(url)
+
+
+def wait_job(client: httpx.Client, job_id: str, timeout: float = 120) -> dict:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        job = client.get(f"/api/v1/jobs/{job_id}").json()
+        if job["status"] in ("succeeded", "failed", "canceled"):
+            return job
+        time.sleep(0.05)
+    raise TimeoutError(job_id)

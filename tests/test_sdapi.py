@@ -1,0 +1,175 @@
+"""A1111's /sdapi/v1 on the queue: A1111 request/response shapes, with per-user scope."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from muralist.infotext import parse_infotext, read_infotext
+from tests.server_util import copy_models, running_server
+
+A1111_BODY = {
+    "prompt": "a lighthouse, stormy sea",
+    "negative_prompt": "blurry",
+    "seed": 42,
+    "steps": 3,
+    "width": 64,
+    "height": 64,
+    "sampler_index": "Euler a",
+    "firstphase_width": 0,  # legacy field that clients still send
+    "do_not_save_grid": True,
+    "alwayson_scripts": {},
+}
+
+
+@pytest.fixture()
+def server(a1111_models: Path, tmp_path: Path):
+    root = copy_models(a1111_models, tmp_path / "data")
+    with running_server(root) as (url, service):
+        keys = {n: service.store.add_user(n) for n in ("alice", "bob")}
+        yield url, service, {n: httpx.Client(base_url=url, headers={"Authorization": f"Bearer {k}"}, timeout=120) for n, k in keys.items()}
+
+
+def test_txt2img_response_has_a1111_shape(server) -> None:
+    _, _, c = server
+    r = c["alice"].post("/sdapi/v1/txt2img", json=A1111_BODY)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"images", "parameters", "info"}
+    assert not body["images"][0].startswith("data:")
+    png = base64.b64decode(body["images"][0])
+    params = parse_infotext(read_infotext(png))
+    assert params["Sampler"] == "Euler a" and params["Seed"] == "42"
+    info = json.loads(body["info"])
+    for key in ("prompt", "all_prompts", "negative_prompt", "all_negative_prompts", "seed", "all_seeds", "subseed", "all_subseeds",
+                "subseed_strength", "width", "height", "sampler_name", "cfg_scale", "steps", "batch_size", "restore_faces",
+                "sd_model_name", "sd_model_hash", "sd_vae_name", "sd_vae_hash", "seed_resize_from_w", "seed_resize_from_h",
+                "denoising_strength", "extra_generation_params", "index_of_first_image", "infotexts", "styles",
+                "job_timestamp", "clip_skip", "is_using_inpainting_conditioning", "version"):
+        assert key in info, key
+    assert info["all_seeds"] == [42] and isinstance(info["job_timestamp"], str)
+    assert body["parameters"]["prompt"] == A1111_BODY["prompt"]
+
+
+def test_options_are_per_user_and_override_settings_per_job(server) -> None:
+    _, _, c = server
+    models = [m["title"] for m in c["alice"].get("/sdapi/v1/sd-models").json()]
+    default = c["bob"].get("/sdapi/v1/options").json()["sd_model_checkpoint"]
+    other = next(t for t in models if t != default)
+    assert c["alice"].post("/sdapi/v1/options", json={"sd_model_checkpoint": other.split(" [")[0]}).json() == {}
+    assert c["alice"].get("/sdapi/v1/options").json()["sd_model_checkpoint"] == other
+    assert c["bob"].get("/sdapi/v1/options").json()["sd_model_checkpoint"] == default  # bob's default is unchanged
+    name = {t: t.split(" [")[0].rsplit(".", 1)[0] for t in models}
+
+    def model_of(client: httpx.Client, body: dict) -> str:
+        info = json.loads(client.post("/sdapi/v1/txt2img", json=body).json()["info"])
+        return info["sd_model_name"]
+
+    assert model_of(c["alice"], A1111_BODY) == name[other]
+    assert model_of(c["bob"], A1111_BODY) == name[default]
+    over = {**A1111_BODY, "override_settings": {"sd_model_checkpoint": default}}
+    assert model_of(c["alice"], over) == name[default]
+    assert c["alice"].get("/sdapi/v1/options").json()["sd_model_checkpoint"] == other  # not changed by the override
+
+
+def test_progress_is_fast_and_scoped_to_the_caller(server) -> None:
+    _, service, c = server
+    done = threading.Event()
+
+    def long_job() -> None:
+        c["alice"].post("/sdapi/v1/txt2img", json={**A1111_BODY, "steps": 60, "force_task_id": "task(alice-1)"})
+        done.set()
+
+    t = threading.Thread(target=long_job)
+    t.start()
+    deadline = time.monotonic() + 60
+    while not service.live and time.monotonic() < deadline:
+        time.sleep(0.02)
+    times = []
+    for _ in range(20):
+        t0 = time.perf_counter()
+        p = c["alice"].get("/sdapi/v1/progress").json()
+        times.append(time.perf_counter() - t0)
+    assert set(p) >= {"progress", "eta_relative", "state", "current_image", "textinfo"}
+    assert p["state"]["job"] == "task(alice-1)"
+    assert sorted(times)[len(times) // 2] < 0.1
+    bob = c["bob"].get("/sdapi/v1/progress").json()
+    assert bob["state"]["job"] == "" and bob["progress"] == 0.0  # bob sees nothing of alice's job
+    ip = c["alice"].post("/internal/progress", json={"id_task": "task(alice-1)", "id_live_preview": -1}).json()
+    assert ip["active"] is True
+    assert c["bob"].post("/internal/progress", json={"id_task": "task(alice-1)"}).json()["active"] is False
+    # bob's interrupt does not touch alice's job
+    assert c["bob"].post("/sdapi/v1/interrupt").json() == {}
+    t.join(120)
+    job = service.store.get("task(alice-1)")
+    assert job.status.value == "succeeded"
+
+
+def test_interrupt_stops_my_own_job(server) -> None:
+    _, service, c = server
+    result = {}
+
+    def run() -> None:
+        result["r"] = c["alice"].post("/sdapi/v1/txt2img", json={**A1111_BODY, "steps": 150, "width": 128, "height": 128, "force_task_id": "a2"})
+
+    t = threading.Thread(target=run)
+    t.start()
+    deadline = time.monotonic() + 60
+    while "a2" not in service.live and time.monotonic() < deadline:
+        time.sleep(0.02)
+    c["alice"].post("/sdapi/v1/interrupt")
+    t.join(120)
+    assert result["r"].status_code == 200 and result["r"].json()["images"] == []
+    assert service.store.get("a2").status.value == "canceled"
+
+
+def test_list_routes_have_a1111_shapes(server) -> None:
+    _, _, c = server
+    a = c["alice"]
+    s = a.get("/sdapi/v1/samplers").json()
+    assert {"name", "aliases", "options"} <= set(s[0]) and "Euler a" in [x["name"] for x in s]
+    sch = a.get("/sdapi/v1/schedulers").json()
+    assert {"name", "label", "aliases", "default_rho", "need_inner_model"} <= set(sch[0])
+    m = a.get("/sdapi/v1/sd-models").json()
+    assert {"title", "model_name", "hash", "sha256", "filename", "config"} <= set(m[0])
+    for path in ("sd-vae", "loras", "prompt-styles", "upscalers", "latent-upscale-modes", "face-restorers", "realesrgan-models",
+                 "hypernetworks", "scripts", "script-info", "extensions", "cmd-flags", "memory", "embeddings"):
+        assert a.get(f"/sdapi/v1/{path}").status_code == 200, path
+    for path in ("refresh-checkpoints", "refresh-vae", "refresh-loras", "refresh-embeddings", "skip", "interrupt"):
+        r = a.post(f"/sdapi/v1/{path}")
+        assert r.status_code == 200 and r.json() == {}, path
+    assert a.get("/sdapi/v1/txt2img").status_code == 405
+    assert a.get("/sdapi/v1/interrupt").status_code == 405
+
+
+def test_png_info_reads_our_images_and_explains_plain_ones(server) -> None:
+    _, _, c = server
+    img = c["alice"].post("/sdapi/v1/txt2img", json=A1111_BODY).json()["images"][0]
+    r = c["alice"].post("/sdapi/v1/png-info", json={"image": "data:image/png;base64," + img}).json()
+    assert r["info"].startswith("a lighthouse, stormy sea") and r["parameters"]["Seed"] == "42"
+    from io import BytesIO
+
+    from PIL import Image
+
+    buf = BytesIO()
+    Image.new("RGB", (4, 4)).save(buf, format="PNG")
+    r = c["alice"].post("/sdapi/v1/png-info", json={"image": base64.b64encode(buf.getvalue()).decode()})
+    assert r.status_code == 200 and r.json()["info"] == ""
+    r = c["alice"].post("/sdapi/v1/png-info", json={"image": base64.b64encode(b"not an image").decode()})
+    assert r.status_code in (400, 422) and "image" in r.json()["detail"]
+
+
+def test_bad_a1111_requests(server) -> None:
+    _, _, c = server
+    r = c["alice"].post("/sdapi/v1/txt2img", json={**A1111_BODY, "sampler_name": "Eulr"})
+    assert r.status_code == 422 and "Euler" in r.json()["detail"]
+    r = c["alice"].post("/sdapi/v1/txt2img", json={**A1111_BODY, "override_settings": {"sd_model_checkpoint": "nope"}})
+    assert r.status_code == 422 and "tiny-sd15" in r.json()["detail"]
+    r = c["alice"].post("/sdapi/v1/txt2img", json={**A1111_BODY, "enable_hr": True})
+    assert r.status_code == 422 and "enable_hr" in r.json()["detail"]

@@ -1,0 +1,220 @@
+"""The multi-user service through a real HTTP server, on SQLite and (when MURALIST_TEST_POSTGRES
+is set, as in CI) on PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from muralist.infotext import parse_infotext, read_infotext
+from tests.server_util import copy_models, free_port, running_server, serve_subprocess, wait_http, wait_job
+
+PG = os.environ.get("MURALIST_TEST_POSTGRES")
+SMALL = {"width": 64, "height": 64, "steps": 2, "seed": 1}
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database(request: pytest.FixtureRequest) -> Iterator[str | None]:
+    if request.param == "sqlite":
+        yield None
+        return
+    if not PG:
+        pytest.skip("set MURALIST_TEST_POSTGRES=postgresql://... to run against PostgreSQL")
+    import psycopg
+
+    schema = "t_" + uuid.uuid4().hex[:12]
+    with psycopg.connect(PG, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    sep = "&" if "?" in PG else "?"
+    yield f"{PG}{sep}options=-csearch_path%3D{schema}"
+    with psycopg.connect(PG, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture()
+def root(a1111_models: Path, tmp_path: Path) -> Path:
+    return copy_models(a1111_models, tmp_path / "data")
+
+
+def users(service, *names: str) -> dict[str, httpx.Client]:
+    return {n: service.store.add_user(n) for n in names}
+
+
+def client(url: str, key: str | None = None) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.Client(base_url=url, headers=headers, timeout=60)
+
+
+def test_two_users_two_models_each_image_names_its_model(root: Path, database: str | None) -> None:
+    with running_server(root, database, max_loaded_models=1) as (url, service):
+        keys = users(service, "alice", "bob")
+        ca, cb = client(url, keys["alice"]), client(url, keys["bob"])
+        submitted: list[tuple[httpx.Client, str, str]] = []
+        lock = threading.Lock()
+
+        def submit(c: httpx.Client, model: str, n: int) -> None:
+            for i in range(n):
+                r = c.post("/api/v1/jobs", json={"type": "txt2img", "params": {**SMALL, "model": model, "seed": i, "prompt": "x"}})
+                assert r.status_code == 202, r.text
+                with lock:
+                    submitted.append((c, r.json()["id"], model))
+
+        ts = [threading.Thread(target=submit, args=a) for a in ((ca, "tiny-sd15.safetensors", 4), (cb, "tiny-sd15-b.ckpt", 4))]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        for c, job_id, model in submitted:
+            job = wait_job(c, job_id)
+            assert job["status"] == "succeeded", job
+            png = c.get(f"/api/v1/images/{job['result']['images'][0]}")
+            assert png.status_code == 200
+            assert parse_infotext(read_infotext(png.content))["Model"] == Path(model).stem
+
+
+def test_users_see_only_their_own_jobs_and_images(root: Path, database: str | None) -> None:
+    with running_server(root, database) as (url, service):
+        keys = users(service, "alice", "bob")
+        ca, cb = client(url, keys["alice"]), client(url, keys["bob"])
+        job_id = ca.post("/api/v1/jobs", json={"params": {**SMALL, "prompt": "secret"}}).json()["id"]
+        job = wait_job(ca, job_id)
+        image_id = job["result"]["images"][0]
+        assert cb.get(f"/api/v1/jobs/{job_id}").status_code == 404
+        assert cb.get(f"/api/v1/images/{image_id}").status_code == 404
+        assert cb.post(f"/api/v1/jobs/{job_id}/cancel").status_code == 404
+        assert cb.get("/api/v1/jobs").json()["jobs"] == []
+        assert cb.get("/api/v1/images").json()["images"] == []
+        assert ca.get(f"/api/v1/images/{image_id}").status_code == 200
+        assert client(url).get("/api/v1/jobs").status_code == 401  # users exist: no anonymous access
+        assert client(url, "mur_wrong").get("/api/v1/jobs").status_code == 401
+
+
+def test_one_users_cancel_never_stops_another_users_job(root: Path, database: str | None) -> None:
+    with running_server(root, database, workers=2) as (url, service):
+        keys = users(service, "alice", "bob")
+        ca, cb = client(url, keys["alice"]), client(url, keys["bob"])
+        a = ca.post("/api/v1/jobs", json={"params": {**SMALL, "steps": 40, "prompt": "a"}}).json()["id"]
+        b = cb.post("/api/v1/jobs", json={"params": {**SMALL, "steps": 40, "prompt": "b"}}).json()["id"]
+        deadline = time.monotonic() + 60
+        while ca.get(f"/api/v1/jobs/{a}").json()["status"] != "running" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert ca.post(f"/api/v1/jobs/{a}/cancel").status_code == 200
+        assert wait_job(ca, a)["status"] == "canceled"
+        assert wait_job(cb, b)["status"] == "succeeded"
+        assert ca.get("/api/v1/images").json()["images"] == []  # partial images are discarded
+
+
+def test_many_concurrent_submitters_each_job_runs_exactly_once(root: Path, database: str | None) -> None:
+    with running_server(root, database, workers=2) as (url, service):
+        keys = users(service, *(f"u{i}" for i in range(20)))
+        ids: dict[str, list[str]] = {}
+
+        def submit(name: str) -> None:
+            c = client(url, keys[name])
+            ids[name] = [c.post("/api/v1/jobs", json={"params": {**SMALL, "steps": 1, "seed": i}}).json()["id"] for i in range(5)]
+
+        ts = [threading.Thread(target=submit, args=(n,)) for n in keys]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        for name, job_ids in ids.items():
+            c = client(url, keys[name])
+            for job_id in job_ids:
+                job = wait_job(c, job_id, timeout=300)
+                assert job["status"] == "succeeded" and job["attempts"] == 1
+        all_jobs = service.store.list_jobs(None, limit=1000)
+        assert len(all_jobs) == 100 and len({j.id for j in all_jobs}) == 100
+        assert len(service.store.list_images(None, limit=1000)) == 100
+
+
+def test_queue_shows_my_positions_and_only_counts_of_others(root: Path, database: str | None) -> None:
+    with running_server(root, database, workers=0) as (url, service):  # no worker: jobs stay queued
+        keys = users(service, "alice", "bob")
+        ca, cb = client(url, keys["alice"]), client(url, keys["bob"])
+        a_ids = [ca.post("/api/v1/jobs", json={"params": SMALL}).json()["id"] for _ in range(3)]
+        b = cb.post("/api/v1/jobs", json={"params": SMALL}).json()
+        assert b["position"] == 1  # fair: bob's first job goes right after alice's first
+        q = cb.get("/api/v1/queue").json()
+        assert [j["id"] for j in q["queued"]] == [b["id"]] and q["others_queued"] == 3
+        assert all(j["id"] in a_ids for j in ca.get("/api/v1/queue").json()["queued"])
+
+
+def test_bad_requests_get_clear_4xx_and_queue_is_unaffected(root: Path, database: str | None) -> None:
+    with running_server(root, database, workers=0) as (url, service):
+        c = client(url, users(service, "alice")["alice"])
+        ok = c.post("/api/v1/jobs", json={"params": SMALL}).json()["id"]
+        r = c.post("/api/v1/jobs", json={"params": {**SMALL, "width": 65}})
+        assert r.status_code == 422 and "width" in r.json()["detail"]
+        r = c.post("/api/v1/jobs", json={"params": {**SMALL, "model": "nope"}})
+        assert r.status_code == 422 and "tiny-sd15" in r.json()["detail"]
+        r = c.post("/api/v1/jobs", json={"params": {**SMALL, "sampler_name": "Eulr a"}})
+        assert r.status_code == 422 and "Euler a" in r.json()["detail"]
+        r = c.post("/api/v1/jobs", json={"params": {**SMALL, "model": "../../etc/passwd"}})
+        assert r.status_code == 422
+        r = c.post("/api/v1/jobs", content=b"{not json", headers={"content-type": "application/json"})
+        assert r.status_code == 422
+        r = c.post("/api/v1/jobs", content=b"x" * (33 * 2**20), headers={"content-type": "application/json"})
+        assert r.status_code == 413
+        r = c.post("/api/v1/jobs", json={"params": {**SMALL, "width": 4096, "height": 4096}})
+        assert r.status_code == 422 and "limit" in r.json()["detail"]
+        assert [j["id"] for j in c.get("/api/v1/jobs").json()["jobs"]] == [ok]
+        assert c.get("/api/v1/jobs/" + ok).json()["status"] == "queued"
+
+
+def test_user_defaults_and_per_job_settings(root: Path, database: str | None) -> None:
+    with running_server(root, database) as (url, service):
+        c = client(url, users(service, "alice")["alice"])
+        assert c.put("/api/v1/me/options", json={"model": "tiny-sd15-b.ckpt", "cfg_scale": 5}).status_code == 200
+        j1 = wait_job(c, c.post("/api/v1/jobs", json={"params": SMALL}).json()["id"])
+        j2 = wait_job(c, c.post("/api/v1/jobs", json={"params": {**SMALL, "model": "tiny-sd15.safetensors"}}).json()["id"])
+        j3 = wait_job(c, c.post("/api/v1/jobs", json={"params": SMALL}).json()["id"])
+        models = [parse_infotext(j["result"]["infotexts"][0])["Model"] for j in (j1, j2, j3)]
+        assert models == ["tiny-sd15-b", "tiny-sd15", "tiny-sd15-b"]
+        assert parse_infotext(j1["result"]["infotexts"][0])["CFG scale"] == "5"
+
+
+def test_job_events_stream_progress_and_finish(root: Path, database: str | None) -> None:
+    with running_server(root, database) as (url, service):
+        c = client(url, users(service, "alice")["alice"])
+        job_id = c.post("/api/v1/jobs", json={"params": {**SMALL, "steps": 10}}).json()["id"]
+        events = []
+        with c.stream("GET", f"/api/v1/jobs/{job_id}/events") as r:
+            for line in r.iter_lines():
+                if line.startswith("event: "):
+                    events.append(line[7:])
+        assert events[0] == "state" and events[-1] == "finished"
+        assert "progress" in events
+
+
+def test_restart_with_queued_jobs_loses_nothing(root: Path, database: str | None) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = serve_subprocess(root, port, database)
+    try:
+        startup = wait_http(url)
+        assert startup < 10
+        c = client(url)  # single-user mode
+        ids = [c.post("/api/v1/jobs", json={"params": {**SMALL, "steps": 20, "seed": i}}).json()["id"] for i in range(4)]
+        deadline = time.monotonic() + 60
+        while c.get(f"/api/v1/jobs/{ids[0]}").json()["status"] != "running" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        proc = serve_subprocess(root, port, database)
+        wait_http(url)
+        for job_id in ids:
+            job = wait_job(c, job_id, timeout=180)
+            assert job["status"] == "succeeded", job
+        assert wait_job(c, ids[0])["attempts"] == 2  # it was running when the process died
+    finally:
+        proc.kill()
+        proc.wait(30)

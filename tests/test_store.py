@@ -1,0 +1,491 @@
+"""The persistent store: users, the fair job queue with model affinity, recovery, migrations.
+
+Every test runs on SQLite (a temporary file) and on PostgreSQL when MURALIST_TEST_POSTGRES names a
+database (e.g. postgresql://postgres@127.0.0.1:5432/test); each PostgreSQL test gets its own schema,
+dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from muralist.errors import InvalidRequestError, MuralistError, NotFoundError
+from muralist.service.store import MIGRATIONS, JobStatus, LimitError, Store, open_store
+
+PG_URL = os.environ.get("MURALIST_TEST_POSTGRES")
+
+Opener = Callable[[], Store]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opener]:
+    """A function opening a new Store on one fresh database (call it again to "restart")."""
+    stores: list[Store] = []
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'db' / 'muralist.db'}"
+        cleanup = None
+    else:
+        if not PG_URL:
+            pytest.skip("set MURALIST_TEST_POSTGRES=postgresql://user@host:port/db to run the PostgreSQL tests")
+        import psycopg
+
+        schema = f"muralist_test_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(PG_URL, autocommit=True) as conn:
+            conn.execute(f'CREATE SCHEMA "{schema}"')
+        url = PG_URL + ("&" if "?" in PG_URL else "?") + f"options=-csearch_path%3D{schema}"
+
+        def cleanup() -> None:
+            with psycopg.connect(PG_URL, autocommit=True) as conn:
+                conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+    def open_() -> Store:
+        store = open_store(url, tmp_path)
+        stores.append(store)
+        return store
+
+    yield open_
+    for s in stores:
+        s.close()
+    if cleanup:
+        cleanup()
+
+
+@pytest.fixture
+def store(opener: Opener) -> Store:
+    s = opener()
+    for name in ("alice", "bob", "carol"):
+        s.ensure_user(name)
+    return s
+
+
+def claim_all(store: Store, worker: str = "w", **kw) -> list[str]:
+    ids = []
+    while (job := store.claim_next(worker, **kw)) is not None:
+        ids.append(job.id)
+    return ids
+
+
+# ---------------------------------------------------------------- users
+
+
+def test_users_keys(store: Store) -> None:
+    key = store.add_user("dave", admin=True)
+    assert key.startswith("mur_") and len(key) == 36
+    user = store.user_by_key(key)
+    assert user is not None and user.name == "dave" and user.admin and user.has_key and user.created_at > 0
+    assert store.user_by_key("mur_" + "x" * 32) is None and store.user_by_key("") is None
+
+    new = store.reset_key("dave")
+    assert new != key
+    assert store.user_by_key(key) is None  # the old key stops working
+    assert store.user_by_key(new).name == "dave"
+    with pytest.raises(NotFoundError):
+        store.reset_key("nobody")
+
+    with pytest.raises(InvalidRequestError, match="already exists"):
+        store.add_user("dave")
+    with pytest.raises(InvalidRequestError, match="already exists"):
+        store.add_user("DAVE")  # case-insensitive: names become folder names
+    for bad in ("", "a b", "x" * 65, "é", "..", "a/b", "a:b"):
+        with pytest.raises(InvalidRequestError, match="invalid user name"):
+            store.add_user(bad)
+    assert store.add_user("a" * 64) and store.add_user("A-b_c.9")
+
+    assert store.remove_user("dave") is True
+    assert store.remove_user("dave") is False
+    assert store.user_by_key(new) is None and store.get_user("dave") is None
+
+
+def test_ensure_user_options_limits(store: Store) -> None:
+    u = store.ensure_user("local", admin=True)
+    assert u.admin and not u.has_key
+    assert store.ensure_user("local", admin=False).admin  # existing users are left unchanged
+    assert [u.name for u in store.list_users()] == ["alice", "bob", "carol", "local"]
+
+    store.set_user_options("local", {"sd_model_checkpoint": "a", "CLIP_stop_at_last_layers": 2})
+    store.set_user_options("local", {"sd_model_checkpoint": "b", "CLIP_stop_at_last_layers": None})
+    assert store.get_user("local").options == {"sd_model_checkpoint": "b"}
+    store.set_user_limits("local", {"max_queued": 3, "max_steps": 50})
+    store.set_user_limits("local", {"max_steps": None})
+    assert store.get_user("local").limits == {"max_queued": 3}
+    with pytest.raises(NotFoundError):
+        store.set_user_options("nobody", {"a": 1})
+
+
+def test_remove_user_cancels_their_queue(store: Store) -> None:
+    running = store.submit("bob", "txt2img", {})
+    queued = store.submit("bob", "txt2img", {})
+    assert store.claim_next("w").id == running.id
+    other = store.submit("alice", "txt2img", {})
+    assert store.remove_user("bob")
+    assert store.get(queued.id).status is JobStatus.CANCELED
+    assert store.get(running.id).cancel_requested
+    assert store.get(other.id).status is JobStatus.QUEUED
+
+
+# ---------------------------------------------------------------- jobs
+
+
+def test_submit_get_list(store: Store) -> None:
+    a1 = store.submit("alice", "txt2img", {"prompt": "a cat", "steps": 20}, model_key="m1")
+    b1 = store.submit("bob", "txt2img", {"prompt": "ünïcode"}, priority=3)
+    a2 = store.submit("alice", "txt2img", {"prompt": "a dog"}, job_id="task(abc123)")
+    assert len(a1.id) == 32 and a2.id == "task(abc123)"
+
+    got = store.get(a1.id)
+    assert got == a1
+    assert got.status is JobStatus.QUEUED and got.params == {"prompt": "a cat", "steps": 20} and got.model_key == "m1"
+    assert got.created_at > 0 and got.attempts == 0 and got.result is None
+    assert store.get(b1.id).priority == 3 and store.get(b1.id).params["prompt"] == "ünïcode"
+    assert store.get("nope") is None
+
+    assert [j.id for j in store.list_jobs("alice")] == [a2.id, a1.id]  # newest first
+    assert [j.id for j in store.list_jobs(None)] == [a2.id, b1.id, a1.id]
+    assert [j.id for j in store.list_jobs(None, limit=1, offset=1)] == [b1.id]
+    store.claim_next("w")
+    assert [j.id for j in store.list_jobs(None, [JobStatus.RUNNING])] == [a1.id]
+    assert {j.id for j in store.list_jobs(None, [JobStatus.QUEUED, JobStatus.RUNNING])} == {a1.id, a2.id, b1.id}
+    assert store.list_jobs("alice", [JobStatus.FAILED]) == []
+    assert store.list_jobs("alice", []) == []
+
+    with pytest.raises(InvalidRequestError, match="already exists"):
+        store.submit("alice", "txt2img", {}, job_id="task(abc123)")
+    with pytest.raises(InvalidRequestError, match="invalid job id"):
+        store.submit("alice", "txt2img", {}, job_id="has space")
+    with pytest.raises(NotFoundError, match="no user"):
+        store.submit("nobody", "txt2img", {})
+
+
+def test_cancel_finish_fail(store: Store) -> None:
+    running = store.submit("alice", "txt2img", {})
+    queued = store.submit("alice", "txt2img", {})
+    assert store.claim_next("w1").id == running.id
+
+    q = store.request_cancel(queued.id)
+    assert q.status is JobStatus.CANCELED and q.finished_at is not None
+    r = store.request_cancel(running.id)
+    assert r.status is JobStatus.RUNNING and r.cancel_requested
+    assert store.request_cancel("nope") is None
+
+    # Finishing a job whose cancel was requested cancels it and drops its images.
+    store.add_image(running.id, "alice", "outputs/alice/1.png", "a cat", 1, 0)
+    assert store.finish(running.id, {"images": ["x"]}) == ["outputs/alice/1.png"]
+    done = store.get(running.id)
+    assert done.status is JobStatus.CANCELED and done.result is None and done.finished_at is not None
+    assert store.list_images("alice") == []
+    # Finished jobs do not change any more.
+    assert store.request_cancel(running.id).status is JobStatus.CANCELED
+    assert store.finish(running.id, {}) == [] and store.get(running.id).status is JobStatus.CANCELED
+
+    ok = store.submit("alice", "txt2img", {})
+    bad = store.submit("alice", "txt2img", {})
+    stopped = store.submit("alice", "txt2img", {})
+    for _ in range(3):
+        store.claim_next("w1")
+    img = store.add_image(ok.id, "alice", "outputs/alice/2.png", "a dog\nSteps: 20", 42, 0)
+    assert store.finish(ok.id, {"images": [img.id], "seeds": [42]}) == []
+    j = store.get(ok.id)
+    assert j.status is JobStatus.SUCCEEDED and j.result == {"images": [img.id], "seeds": [42]} and j.finished_at >= j.started_at
+    assert store.get_image(img.id) == img
+
+    store.fail(bad.id, "CUDA out of memory")
+    j = store.get(bad.id)
+    assert j.status is JobStatus.FAILED and j.error == "CUDA out of memory"
+    store.mark_canceled(stopped.id)
+    assert store.get(stopped.id).status is JobStatus.CANCELED
+    assert store.list_jobs("alice", [JobStatus.QUEUED, JobStatus.RUNNING]) == []
+
+
+def test_images_and_prune(store: Store) -> None:
+    jobs = [store.submit("alice", "txt2img", {}) for _ in range(2)] + [store.submit("bob", "txt2img", {})]
+    for _ in jobs:
+        store.claim_next("w")
+    recs = [store.add_image(j.id, j.owner, f"outputs/{j.owner}/{j.id}-{i}.png", f"text {i}", 2**32 + i, i)
+            for j in jobs for i in range(2)]
+    assert recs[0].seed == 2**32  # seeds above 32 bits fit
+    assert [r.id for r in store.list_images("alice")] == [r.id for r in reversed(recs[:4])]
+    assert len(store.list_images(None)) == 6 and len(store.list_images(None, limit=2, offset=5)) == 1
+    with pytest.raises(NotFoundError):
+        store.add_image("nope", "alice", "x.png", "", 1, 0)
+    assert store.delete_image(recs[0].id) and not store.delete_image(recs[0].id)
+    assert store.get_image(recs[0].id) is None
+
+    for j in jobs:
+        store.finish(j.id, {"images": []})
+    queued = store.submit("bob", "txt2img", {})  # unfinished jobs are never pruned
+    assert store.prune(time.time() - 3600) == (0, [])
+    n, paths = store.prune(store.get(jobs[2].id).finished_at)  # strictly before: alice's two jobs
+    assert n == 2 and sorted(paths) == sorted(r.path for r in recs[1:4])
+    n, paths = store.prune(time.time() + 1)
+    assert n == 1 and sorted(paths) == sorted(r.path for r in recs[4:])
+    assert store.list_images(None) == [] and [j.id for j in store.list_jobs(None)] == [queued.id]
+
+
+# ---------------------------------------------------------------- scheduling
+
+
+def test_fairness_across_users(store: Store) -> None:
+    a = [store.submit("alice", "txt2img", {"n": i}) for i in range(5)]
+    b = store.submit("bob", "txt2img", {})
+    order = claim_all(store)
+    assert order[:2] == [a[0].id, b.id]  # bob's job is second, not sixth
+    assert order == [a[0].id, b.id] + [j.id for j in a[1:]]
+    claimed = store.get(b.id)
+    assert claimed.status is JobStatus.RUNNING and claimed.attempts == 1 and claimed.worker == "w"
+    assert claimed.started_at is not None
+    assert store.get_user("bob").last_served_at > store.get_user("alice").last_served_at - 10
+
+
+def test_least_recently_served_goes_first(store: Store) -> None:
+    store.submit("alice", "txt2img", {})
+    claim_all(store)  # alice was just served
+    b = store.submit("bob", "txt2img", {})
+    a = store.submit("alice", "txt2img", {})  # older than carol's job, but alice was served lately
+    c = store.submit("carol", "txt2img", {})
+    assert [j.id for j in store.queue_order()] == [b.id, c.id, a.id]
+    assert claim_all(store) == [b.id, c.id, a.id]
+
+
+def test_priorities_within_a_user(store: Store) -> None:
+    low = store.submit("alice", "txt2img", {})
+    high = store.submit("alice", "txt2img", {}, priority=5)
+    low2 = store.submit("alice", "txt2img", {})
+    mid = store.submit("alice", "txt2img", {}, priority=1)
+    assert claim_all(store) == [high.id, mid.id, low.id, low2.id]
+
+
+def test_model_affinity(store: Store) -> None:
+    first = store.submit("alice", "txt2img", {}, model_key="m1")
+    later = store.submit("bob", "txt2img", {}, model_key="m2")
+    # With m2 loaded, bob's m2 job goes before alice's m1 job...
+    assert store.claim_next("w", loaded_models={"m2"}).id == later.id
+    # ...and without an m2 job left, the m1 job runs.
+    assert store.claim_next("w", loaded_models={"m2"}).id == first.id
+
+
+def test_model_affinity_limited_by_lookahead(store: Store) -> None:
+    m1 = [store.submit("alice", "txt2img", {}, model_key="m1") for _ in range(4)]
+    m2 = store.submit("alice", "txt2img", {}, model_key="m2")  # fifth in fair order
+    assert store.claim_next("w", loaded_models={"m2"}, lookahead=4).id == m1[0].id
+    # Now it is fourth: within reach.
+    assert store.claim_next("w", loaded_models={"m2"}, lookahead=4).id == m2.id
+
+
+def test_model_affinity_yields_to_old_jobs(store: Store) -> None:
+    m1 = store.submit("alice", "txt2img", {}, model_key="m1")
+    store.submit("bob", "txt2img", {}, model_key="m2")
+    # The m1 job has waited past affinity_max_wait: it goes first, loaded model or not.
+    job = store.claim_next("w", loaded_models={"m2"}, affinity_max_wait=60, now=m1.created_at + 61)
+    assert job.id == m1.id and job.started_at == pytest.approx(m1.created_at + 61)
+
+
+def test_model_affinity_without_model_key(store: Store) -> None:
+    plain = store.submit("alice", "extras", {})  # needs no checkpoint: never makes others wait
+    store.submit("bob", "txt2img", {}, model_key="m2")
+    assert store.claim_next("w", loaded_models={"m2"}).id == plain.id
+
+
+def test_queue_order_and_position_match_claims(store: Store) -> None:
+    jobs = []
+    for i, (owner, prio) in enumerate(
+        [("alice", 0), ("alice", 0), ("alice", 2), ("bob", 0), ("carol", 1), ("bob", 5), ("carol", 0), ("alice", 0)]
+    ):
+        jobs.append(store.submit(owner, "txt2img", {"i": i}, priority=prio))
+    predicted = [j.id for j in store.queue_order()]
+    assert sorted(predicted) == sorted(j.id for j in jobs)
+    assert [j.id for j in store.queue_order(limit=3)] == predicted[:3]
+    assert [store.position(i) for i in predicted] == list(range(len(predicted)))
+    assert store.queue_counts() == {"alice": 4, "bob": 2, "carol": 2}
+
+    claimed = store.claim_next("w")
+    assert claimed.id == predicted[0]
+    assert store.position(claimed.id) is None and store.position("nope") is None
+    assert store.position(predicted[1]) == 0
+    # After each claim the prediction still holds for the rest.
+    assert [claimed.id] + claim_all(store) == predicted
+    assert store.queue_counts() == {}
+
+
+def test_concurrent_claims(opener: Opener) -> None:
+    shared = opener()
+    users = [f"u{i}" for i in range(5)]
+    for u in users:
+        shared.ensure_user(u)
+    ids = {shared.submit(users[i % 5], "txt2img", {"i": i}).id for i in range(50)}
+    # Half the threads share one Store; the others each have their own (like separate processes).
+    stores = [shared] * 4 + [opener() for _ in range(4)]
+    got: list[str] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(len(stores))
+    errors: list[BaseException] = []
+
+    def work(s: Store, n: int) -> None:
+        try:
+            barrier.wait()
+            while (job := s.claim_next(f"w{n}")) is not None:
+                with lock:
+                    got.append(job.id)
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(s, n)) for n, s in enumerate(stores)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    assert len(got) == 50 and set(got) == ids  # each job exactly once
+    assert all(j.attempts == 1 for j in shared.list_jobs(None, [JobStatus.RUNNING]))
+    assert len(shared.list_jobs(None, [JobStatus.RUNNING])) == 50
+
+
+def test_concurrent_submits_respect_limit(opener: Opener) -> None:
+    stores = [opener() for _ in range(4)]
+    stores[0].ensure_user("alice")
+    results: list[str] = []
+    lock = threading.Lock()
+
+    def work(s: Store) -> None:
+        for _ in range(5):
+            try:
+                s.submit("alice", "txt2img", {}, max_queued=7)
+                outcome = "ok"
+            except LimitError:
+                outcome = "limit"
+            with lock:
+                results.append(outcome)
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert Counter(results) == {"ok": 7, "limit": 13}
+
+
+def test_limit_max_queued(store: Store) -> None:
+    first = store.submit("alice", "txt2img", {}, max_queued=2)
+    store.submit("alice", "txt2img", {}, max_queued=2)
+    store.claim_next("w")  # running jobs count too
+    with pytest.raises(LimitError, match="max_queued=2") as err:
+        store.submit("alice", "txt2img", {}, max_queued=2)
+    assert err.value.http_status == 429 and isinstance(err.value, MuralistError)
+    store.submit("bob", "txt2img", {}, max_queued=2)  # per user
+    store.finish(first.id, {"images": []})
+    store.submit("alice", "txt2img", {}, max_queued=2)
+
+
+# ---------------------------------------------------------------- persistence, recovery, migrations
+
+
+def test_persistence(opener: Opener) -> None:
+    s = opener()
+    key = s.add_user("alice")
+    jobs = [s.submit("alice", "txt2img", {"i": i}) for i in range(3)]
+    s.claim_next("w")
+    s.close()
+    with pytest.raises(RuntimeError):
+        s.get(jobs[0].id)
+
+    s2 = opener()
+    assert s2.user_by_key(key).name == "alice"
+    assert [j.id for j in s2.queue_order()] == [j.id for j in jobs[1:]]
+    assert s2.get(jobs[0].id).status is JobStatus.RUNNING
+    assert s2.get(jobs[1].id).params == {"i": 1}
+
+
+def test_recover(opener: Opener) -> None:
+    s = opener()
+    s.ensure_user("alice")
+    job = s.submit("alice", "txt2img", {})
+    other = s.submit("alice", "txt2img", {})
+    s.claim_next("hostA-w0")
+    s.claim_next("hostB-w0")
+    s.add_image(job.id, "alice", "partial.png", "", 1, 0)
+    s.close()  # the process dies with the jobs running
+
+    s = opener()
+    assert s.recover("hostA-") == (1, 0)  # only this host's workers
+    j = s.get(job.id)
+    assert j.status is JobStatus.QUEUED and j.worker is None and j.attempts == 1 and j.started_at is None
+    assert s.list_images("alice") == []  # the partial result is gone
+    assert s.get(other.id).status is JobStatus.RUNNING
+    assert s.position(job.id) == 0
+    assert s.claim_next("hostA-w0").id == job.id
+    s.close()  # dies again
+
+    s = opener()
+    assert s.recover(max_attempts=2) == (1, 1)  # other: re-queued; job: second crash -> failed
+    j = s.get(job.id)
+    assert j.status is JobStatus.FAILED and j.error == "the server stopped while this job ran (2 attempts)"
+    assert j.finished_at is not None
+    assert s.get(other.id).status is JobStatus.QUEUED
+
+    # A job whose cancel was requested is canceled, not run again.
+    assert s.claim_next("w").id == other.id
+    s.request_cancel(other.id)
+    assert s.recover() == (0, 0) and s.get(other.id).status is JobStatus.CANCELED
+
+
+def test_migrations(opener: Opener) -> None:
+    s = opener()
+    assert s.schema_version() == len(MIGRATIONS)
+
+    def versions(store: Store) -> list[tuple[int, float]]:
+        with store._tx() as tx:
+            return [(r["version"], r["applied_at"]) for r in tx.rows("SELECT * FROM schema_version ORDER BY version")]
+
+    before = versions(s)
+    assert [v for v, _ in before] == list(range(1, len(MIGRATIONS) + 1))
+    s.close()
+    s2 = opener()
+    s3 = opener()
+    assert versions(s2) == before == versions(s3)  # not applied again
+    s2.ensure_user("alice")  # and the tables work
+
+    # A database from a newer muralist is refused, not damaged.
+    with s3._tx(write=True) as tx:
+        tx.execute("INSERT INTO schema_version (version, applied_at) VALUES (?, ?)", (len(MIGRATIONS) + 1, 0.0))
+    with pytest.raises(MuralistError, match="newer"):
+        opener()
+
+
+def test_concurrent_open_of_a_fresh_database(opener: Opener) -> None:
+    stores: list[Store] = []
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(4)
+
+    def work() -> None:
+        try:
+            barrier.wait()
+            stores.append(opener())
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and len(stores) == 4
+    assert all(s.schema_version() == len(MIGRATIONS) for s in stores)
+
+
+def test_open_store_urls(tmp_path: Path) -> None:
+    s = open_store(None, tmp_path / "data")
+    assert s.backend == "sqlite" and (tmp_path / "data" / "muralist.db").is_file()
+    s.close()
+    for url in (f"sqlite:///{tmp_path}/x.db", f"sqlite:////{tmp_path}/y.db"):
+        open_store(url, tmp_path).close()
+    assert (tmp_path / "x.db").is_file() and (tmp_path / "y.db").is_file()
+    for bad in ("mysql://x", "sqlite://x.db", "sqlite:///:memory:"):
+        with pytest.raises(MuralistError):
+            open_store(bad, tmp_path)
