@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--device", default=None)
     sv.add_argument("--max-loaded-models", type=int, default=2, help="checkpoints kept loaded (model cache size)")
     sv.add_argument("--cors-allow-origins", default=None, help="comma-separated origins")
+    sv.add_argument("--keep-days", type=float, default=30.0, help="prune finished jobs and their images after N days (0: keep all)")
     _add_dirs(sv)
 
     us = sub.add_parser("users", help="manage users and API keys")
@@ -282,7 +283,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     dirs = _dirs(args)
     dirs.ensure()
-    settings = Settings(workers=args.workers or _workers(args.device), device=args.device, max_loaded_models=args.max_loaded_models)
+    settings = Settings(
+        workers=args.workers if args.workers is not None else _workers(args.device),
+        device=args.device,
+        max_loaded_models=args.max_loaded_models,
+        keep_days=args.keep_days or None,
+    )
     service = Service(dirs, store, settings)
     origins = [o.strip() for o in args.cors_allow_origins.split(",")] if args.cors_allow_origins else None
     app = create_app(service, AuthConfig(basic), origins)

@@ -85,11 +85,11 @@ def wait_http(url: str, timeout: float = 60) -> float:
     raise TimeoutError(url)
 
 
-def wait_job(client: httpx.Client, job_id: str, timeout: float = 120) -> dict:
+def wait_job(client: httpx.Client, job_id: str, timeout: float = 120, interval: float = 0.05) -> dict:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         job = client.get(f"/api/v1/jobs/{job_id}").json()
         if job["status"] in ("succeeded", "failed", "canceled"):
             return job
-        time.sleep(0.05)
+        time.sleep(interval)
     raise TimeoutError(job_id)

@@ -71,6 +71,7 @@ class Settings:
     max_loaded_models: int = 2
     affinity_lookahead: int = 4
     affinity_max_wait: float = 60.0
+    keep_days: float | None = 30.0  # finished jobs and their images are pruned after this; None: keep all
 
 
 class Service:
@@ -86,6 +87,8 @@ class Service:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.instance = uuid.uuid4().hex[:8]
+        self._counts: dict[str, int] = {}
+        self._counts_at = 0.0
 
     # ------------------------------------------------------------- engine (heavy imports live here)
 
@@ -108,6 +111,8 @@ class Service:
         # Import torch/diffusers and scan the model folders in the background, so the port opens
         # at once and the first request does not pay for it.
         threading.Thread(target=lambda: self.engine.registry.checkpoints(), daemon=True, name="muralist-warmup").start()
+        if self.settings.keep_days is not None:
+            threading.Thread(target=self._maintenance, daemon=True, name="muralist-prune").start()
         for i in range(self.settings.workers):
             t = threading.Thread(target=self._worker, args=(f"{self.instance}-w{i}",), daemon=True, name=f"muralist-worker-{i}")
             t.start()
@@ -170,6 +175,14 @@ class Service:
         if updated.status is JobStatus.CANCELED:
             self.hub.publish({"type": "canceled", "owner": job.owner, "job_id": job.id})
         return updated
+
+    def queued_count(self, owner: str, max_age: float = 0.5) -> int:
+        """The owner's queued jobs, from a per-service cache refreshed at most every ``max_age`` s."""
+        now = time.monotonic()
+        if now - self._counts_at > max_age:
+            self._counts = self.store.queue_counts()
+            self._counts_at = now
+        return self._counts.get(owner, 0)
 
     def skip(self, job: Job) -> bool:
         live = self.live.get(job.id)
@@ -241,6 +254,22 @@ class Service:
             self.live.pop(job.id, None)
             with self._wake:
                 self._wake.notify_all()
+
+    def prune(self) -> int:
+        """Delete finished jobs older than ``keep_days``, with their image files."""
+        assert self.settings.keep_days is not None
+        count, paths = self.store.prune(time.time() - self.settings.keep_days * 86400)
+        self._discard(paths)
+        return count
+
+    def _maintenance(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if n := self.prune():
+                    log.info("pruned %d finished jobs older than %g days", n, self.settings.keep_days)
+            except Exception:
+                log.exception("pruning history failed")
+            self._stop.wait(3600)
 
     def _discard(self, paths: list[str]) -> None:
         """Delete the files of images a canceled or failed job no longer keeps."""

@@ -143,21 +143,19 @@ def install(app: FastAPI, service: Service) -> None:
         return {"images": images, "parameters": body, "info": info_json(job, job.params)}
 
     def progress_of(user: User) -> dict[str, Any]:
-        running = own_running(user)
-        queued = service.store.list_jobs(user.name, [JobStatus.QUEUED])
-        job = running[0] if running else None
-        live = service.live.get(job.id) if job else None
-        state = {"skipped": False, "interrupted": False, "job": job.id if job else "", "job_count": len(running) + len(queued),
-                 "job_timestamp": datetime.now().strftime("%Y%m%d%H%M%S"), "job_no": live.batch if live else 0,
-                 "sampling_step": live.step if live else 0, "sampling_steps": live.steps if live else 0}
-        progress = live.fraction if live else 0.0
-        eta = live.eta if live else None
-        textinfo = None if job else ("Waiting..." if queued else None)
-        return {"progress": progress, "eta_relative": eta or 0.0, "state": state,
-                "current_image": live.preview if live else None, "textinfo": textinfo}
+        # Answered from memory (live jobs, cached queue counts): it is polled often, mid-generation.
+        live = next((v for v in list(service.live.values()) if v.owner == user.name), None)
+        queued = service.queued_count(user.name)
+        state = {"skipped": False, "interrupted": False, "job": live.job_id if live else "",
+                 "job_count": (1 if live else 0) + queued, "job_timestamp": datetime.now().strftime("%Y%m%d%H%M%S"),
+                 "job_no": live.batch if live else 0, "sampling_step": live.step if live else 0,
+                 "sampling_steps": live.steps if live else 0}
+        return {"progress": live.fraction if live else 0.0, "eta_relative": (live.eta or 0.0) if live else 0.0,
+                "state": state, "current_image": live.preview if live else None,
+                "textinfo": None if live or not queued else "Waiting..."}
 
     @r.get("/sdapi/v1/progress")
-    def progress(skip_current_image: bool = Query(False), user: User = Depends(current_user)) -> dict[str, Any]:
+    async def progress(skip_current_image: bool = Query(False), user: User = Depends(current_user)) -> dict[str, Any]:
         return progress_of(user)
 
     @r.post("/sdapi/v1/interrupt")
