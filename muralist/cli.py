@@ -54,6 +54,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip-skip", type=int, default=1)
     g.add_argument("--tiling", action="store_true")
     g.add_argument("--eta", type=float, default=None)
+    i2i = g.add_argument_group("img2img and inpainting")
+    i2i.add_argument("--init-image", type=Path, action="append", default=[], help="img2img source image (repeatable)")
+    i2i.add_argument("--denoising-strength", type=float, default=None)
+    i2i.add_argument("--resize-mode", type=int, default=0, help="0 just resize, 1 crop and resize, 2 resize and fill, 3 latent")
+    i2i.add_argument("--mask", type=Path, default=None, help="inpainting mask (white = repaint)")
+    i2i.add_argument("--mask-blur", type=int, default=4)
+    i2i.add_argument("--inpainting-fill", type=int, default=1, help="masked content: 0 fill, 1 original, 2 latent noise, 3 latent nothing")
+    i2i.add_argument("--whole-picture", action="store_true", help="inpaint area: whole picture (default: only masked)")
+    i2i.add_argument("--padding", type=int, default=32, help="only-masked padding in pixels")
+    i2i.add_argument("--invert-mask", action="store_true")
+    hr = g.add_argument_group("hires fix")
+    hr.add_argument("--hires", action="store_true", help="enable hires fix")
+    hr.add_argument("--hr-scale", type=float, default=2.0)
+    hr.add_argument("--hr-upscaler", default="Latent")
+    hr.add_argument("--hr-steps", type=int, default=0, help="second-pass steps (0: same as --steps)")
     g.add_argument("--out", type=Path, default=None, help="folder for the images (default: DATA/outputs/txt2img-images/DATE)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -111,6 +126,16 @@ def _seed_resize(value: str | None) -> tuple[int, int]:
     return w, h
 
 
+def _b64_file(path: Path) -> str:
+    import base64
+
+    from .errors import MuralistError
+
+    if not path.is_file():
+        raise MuralistError(f"{path}: no such file")
+    return base64.b64encode(path.read_bytes()).decode()
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from .request import parse_request
 
@@ -138,6 +163,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "clip_skip": args.clip_skip,
             "tiling": args.tiling,
             "eta": args.eta,
+            "init_images": [_b64_file(p) for p in args.init_image],
+            "mask": _b64_file(args.mask) if args.mask else None,
+            "denoising_strength": args.denoising_strength,
+            "resize_mode": args.resize_mode,
+            "mask_blur": args.mask_blur,
+            "inpainting_fill": args.inpainting_fill,
+            "inpaint_full_res": not args.whole_picture,
+            "inpaint_full_res_padding": args.padding,
+            "inpainting_mask_invert": int(args.invert_mask),
+            "enable_hr": args.hires,
+            "hr_scale": args.hr_scale,
+            "hr_upscaler": args.hr_upscaler,
+            "hr_second_pass_steps": args.hr_steps,
         }
     )
     from .engine import samplers

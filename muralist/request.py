@@ -41,6 +41,27 @@ class GenerationRequest(BaseModel):
     tiling: bool = False
     novelai_braces: bool = Field(False, description="read NovelAI-style {x} as emphasis x1.05 (muralist setting)")
     eta: float | None = Field(None, ge=0.0, le=1.0)
+    # img2img / inpainting (A1111 field names and API defaults)
+    init_images: list[str] = Field(default_factory=list, description="img2img: base64 images (raw or data URLs)")
+    resize_mode: int = Field(0, ge=0, le=3, description="0 just resize, 1 crop and resize, 2 resize and fill, 3 latent upscale")
+    denoising_strength: float | None = Field(None, ge=0.0, le=1.0, description="img2img default 0.75, hires fix 0.7")
+    mask: str | None = Field(None, description="inpainting mask, base64; white = repaint")
+    mask_blur: int = Field(4, ge=0, le=64)
+    inpainting_fill: int = Field(0, ge=0, le=3, description="masked content: 0 fill, 1 original, 2 latent noise, 3 latent nothing")
+    inpaint_full_res: bool = Field(True, description="inpaint area: True only masked, False whole picture")
+    inpaint_full_res_padding: int = Field(0, ge=0, le=256)
+    inpainting_mask_invert: int = Field(0, ge=0, le=1)
+    # hires fix (txt2img)
+    enable_hr: bool = False
+    hr_scale: float = Field(2.0, ge=1.0, le=4.0)
+    hr_upscaler: str | None = Field(None, description="Latent (...) mode, None, Lanczos, Nearest or a model upscaler")
+    hr_second_pass_steps: int = Field(0, ge=0, le=150)
+    hr_resize_x: int = Field(0, ge=0, le=MAX_SIDE)
+    hr_resize_y: int = Field(0, ge=0, le=MAX_SIDE)
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
     model: str | None = Field(None, description="checkpoint title, name or hash; None: the default")
     vae: str | None = Field(None, description="VAE file name; None/'Automatic': the checkpoint's own")
 
@@ -60,6 +81,18 @@ class GenerationRequest(BaseModel):
     @property
     def total_images(self) -> int:
         return self.batch_size * self.n_iter
+
+    @property
+    def hr_size(self) -> tuple[int, int]:
+        """The hires-fix target size (A1111: a given resize wins, one side keeps the aspect ratio)."""
+        w, h = self.width, self.height
+        if self.hr_resize_x and self.hr_resize_y:
+            return self.hr_resize_x // 8 * 8, self.hr_resize_y // 8 * 8
+        if self.hr_resize_x:
+            return self.hr_resize_x // 8 * 8, int(h * self.hr_resize_x / w) // 8 * 8
+        if self.hr_resize_y:
+            return int(w * self.hr_resize_y / h) // 8 * 8, self.hr_resize_y // 8 * 8
+        return int(w * self.hr_scale) // 8 * 8, int(h * self.hr_scale) // 8 * 8
 
 
 def parse_request(data: dict[str, Any]) -> GenerationRequest:

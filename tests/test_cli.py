@@ -118,3 +118,23 @@ def test_empty_data_folder_says_where_to_put_models(tmp_path: Path) -> None:
     out = muralist("generate", "x", "--steps", "1", "--width", "64", "--height", "64", data=tmp_path / "fresh")
     assert out.returncode == 2
     assert "Stable-diffusion" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_inpaint_from_the_command_line(data: Path, tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    src = Image.fromarray(np.random.default_rng(2).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    src.save(tmp_path / "src.png")
+    mask = Image.new("L", (64, 64))
+    ImageDraw.Draw(mask).rectangle((24, 24, 40, 40), fill=255)
+    mask.save(tmp_path / "mask.png")
+    out = muralist("generate", "a door", "--init-image", str(tmp_path / "src.png"), "--mask", str(tmp_path / "mask.png"),
+                   "--width", "64", "--height", "64", "--steps", "4", "--mask-blur", "0", "--whole-picture",
+                   "--model", "tiny-sd15.safetensors", data=data)
+    assert out.returncode == 0, out.stderr
+    path = Path(out.stdout.split()[0])
+    assert path.parent.parent.name == "img2img-images"
+    img = np.asarray(Image.open(path).convert("RGB"))
+    assert np.array_equal(img[:16], np.asarray(src)[:16])
+    assert "Masked content: original" in muralist("png-info", str(path), data=data).stdout

@@ -171,5 +171,38 @@ def test_bad_a1111_requests(server) -> None:
     assert r.status_code == 422 and "Euler" in r.json()["detail"]
     r = c["alice"].post("/sdapi/v1/txt2img", json={**A1111_BODY, "override_settings": {"sd_model_checkpoint": "nope"}})
     assert r.status_code == 422 and "tiny-sd15" in r.json()["detail"]
-    r = c["alice"].post("/sdapi/v1/txt2img", json={**A1111_BODY, "enable_hr": True})
-    assert r.status_code == 422 and "enable_hr" in r.json()["detail"]
+    r = c["alice"].post("/sdapi/v1/img2img", json={**A1111_BODY, "init_images": ["bm90IGFuIGltYWdl"]})
+    assert r.status_code == 422 and "init_images[0]: not an image" in r.json()["detail"]
+    r = c["alice"].post("/sdapi/v1/img2img", json=A1111_BODY)
+    assert r.status_code == 422 and "init_images" in r.json()["detail"]
+
+
+def test_img2img_inpaint_and_hires_through_sdapi(server) -> None:
+    from io import BytesIO
+
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    _, _, c = server
+    src = Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    mask = Image.new("L", (64, 64))
+    ImageDraw.Draw(mask).rectangle((20, 20, 44, 44), fill=255)
+
+    def b64(img: Image.Image) -> str:
+        buf = BytesIO()
+        img.save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode()
+
+    body = {**A1111_BODY, "init_images": ["data:image/png;base64," + b64(src)], "mask": b64(mask), "mask_blur": 0,
+            "inpaint_full_res": False, "denoising_strength": 0.8, "include_init_images": True}
+    r = c["alice"].post("/sdapi/v1/img2img", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert len(out["images"]) == 2 and "init_images" not in out["parameters"]
+    img = np.asarray(Image.open(BytesIO(base64.b64decode(out["images"][0]))).convert("RGB"))
+    assert np.array_equal(img[:10], np.asarray(src)[:10])
+    info = json.loads(out["info"])
+    assert "Denoising strength: 0.8" in info["infotexts"][0]
+    hr = c["alice"].post("/sdapi/v1/txt2img", json={**A1111_BODY, "enable_hr": True, "hr_scale": 2, "hr_upscaler": "Latent"})
+    assert hr.status_code == 200
+    assert Image.open(BytesIO(base64.b64decode(hr.json()["images"][0]))).size == (128, 128)

@@ -28,7 +28,7 @@ from ..prompts.embeddings import EmbeddingRegistry
 from ..prompts.parser import extract_extra_networks, lora_multipliers
 from ..prompts.styles import apply_styles, find_style, load_styles
 from ..request import GenerationRequest
-from .txt2img import Extras, GenerationResult, Identity, JobControl, ProgressFn, txt2img
+from .txt2img import Extras, GenerationResult, Identity, JobControl, ProgressFn, generate_images
 
 _NUMBERED = re.compile(r"^(\d+)-")
 
@@ -196,6 +196,18 @@ class Engine:
         extras.embeddings, _skipped = self.embeddings.for_model(embedding_widths(model))
         return extras, warnings
 
+    def upscale(self, image: Any, width: int, height: int, upscaler: str) -> Any:
+        """Resize an image to exactly ``width`` x ``height`` with a named (non-latent) upscaler."""
+        from PIL import Image
+
+        from ..errors import InvalidRequestError
+
+        if upscaler in ("None", "Lanczos"):
+            return image.resize((width, height), Image.LANCZOS)
+        if upscaler == "Nearest":
+            return image.resize((width, height), Image.NEAREST)
+        raise InvalidRequestError(f"hr_upscaler: unknown upscaler {upscaler!r}; use Latent, Lanczos, Nearest or None")
+
     def resolve_model(self, req: GenerationRequest) -> CheckpointInfo:
         return self.registry.find_checkpoint(req.model) if req.model else self.registry.default_checkpoint()
 
@@ -214,7 +226,7 @@ class Engine:
         with self.cache.use(info) as model:
             vae = self.cache.vae(vae_info, model) if vae_info else None
             extras, warnings = self.extras_for(req.prompt, model)
-            result = txt2img(
+            result = generate_images(
                 model,
                 req,
                 Identity(info.model_name, info.shorthash),
@@ -223,9 +235,11 @@ class Engine:
                 control,
                 progress,
                 extras,
+                self.upscale,
             )
         result.warnings[:0] = warnings
-        folder = save_to or self.dirs.outputs_dir / "txt2img-images" / date.today().isoformat()
+        kind = "img2img-images" if req.init_images else "txt2img-images"
+        folder = save_to or self.dirs.outputs_dir / kind / date.today().isoformat()
         saved = SavedResult(result, [], info, vae_info)
         number = next_sequence_number(folder)
         for i, (img, text, seed) in enumerate(zip(result.images, result.infotexts, result.seeds, strict=True)):

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from .. import __version__
+from ..errors import InvalidRequestError
 from ..infotext import build_infotext
 from ..models.family import Family
 from ..models.loader import LoadedModel
@@ -134,6 +135,9 @@ def sample(
     control: JobControl | None = None,
     on_step: Callable[[int, torch.Tensor], None] | None = None,
     image_cond: torch.Tensor | None = None,
+    init_latent: torch.Tensor | None = None,
+    strength: float = 1.0,
+    latent_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The denoising loop with classifier-free guidance and composable (AND) prompts.
 
@@ -143,10 +147,22 @@ def sample(
     """
     dev, dtype = model.device, model.dtype
     scheduler.set_timesteps(steps, device=dev)
-    latents = noise.to(dev, torch.float32) * scheduler.init_noise_sigma
+    noise = noise.to(dev, torch.float32)
+    timesteps = scheduler.timesteps
+    if init_latent is None:
+        latents = noise * scheduler.init_noise_sigma
+    else:
+        # img2img: run the last int(steps * strength) steps of the schedule from the noised image (A1111).
+        t_enc = max(1, min(int(min(strength, 0.999) * steps), steps))
+        start = (steps - t_enc) * scheduler.order
+        timesteps = timesteps[start:]
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(start)
+        init_latent = init_latent.to(dev, torch.float32)
+        latents = scheduler.add_noise(init_latent, noise, timesteps[:1])
     b = latents.shape[0]
     built_for: tuple[int, ...] | None = None
-    for i, t in enumerate(scheduler.timesteps):
+    for i, t in enumerate(timesteps):
         if control is not None and (control.interrupted.is_set() or control.skipped.is_set()):
             break
         parts, uncond = conds.at(i)
@@ -180,6 +196,10 @@ def sample(
                 combined += (out[(j + 1) * b : (j + 2) * b] - out_uncond) * (w * cfg_scale)
             out = combined
         latents = scheduler.step(out, t, latents, **step_kwargs, return_dict=False)[0]
+        if latent_mask is not None and init_latent is not None:
+            # Outside the mask the latents follow the original image, noised to the next step.
+            orig = init_latent if i + 1 >= len(timesteps) else scheduler.add_noise(init_latent, noise, timesteps[i + 1 : i + 2])
+            latents = orig * (1 - latent_mask) + latents * latent_mask
         if on_step is not None:
             on_step(i + 1, latents)
     return latents
@@ -259,7 +279,70 @@ def _hash_list(items: list[tuple[str, str]]) -> str | None:
     return ", ".join(f"{n}: {h}" for n, h in items) if items else None
 
 
-def txt2img(
+LATENT_MODES = {
+    "Latent": ("bilinear", False),
+    "Latent (antialiased)": ("bilinear", True),
+    "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True),
+    "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+}
+
+
+def encode(vae: Any, images: list[Image.Image], scale: float) -> torch.Tensor:
+    """RGB images -> latents (the distribution's mode: deterministic, unlike a sample)."""
+    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) / 127.5 - 1.0 for im in images])
+    x = torch.from_numpy(arr).permute(0, 3, 1, 2).to(vae.device, vae.dtype)
+    with torch.inference_mode():
+        return vae.encode(x).latent_dist.mode().float() * scale
+
+
+@dataclass
+class _Img2ImgInputs:
+    """Per-job img2img inputs at generation size."""
+
+    images: list[Image.Image]  # what is encoded (after resize, crop and masked-content fill)
+    originals: list[Image.Image]  # for pasting back
+    mask: Any = None  # images.PreparedMask
+    latent_mask: torch.Tensor | None = None  # (1, 1, h/8, w/8), 1 = repaint
+
+
+def _prepare_img2img(req: GenerationRequest) -> _Img2ImgInputs:
+    from PIL import ImageFilter, ImageOps
+
+    from . import images as im
+
+    originals = [im.decode_image(d, f"init_images[{i}]").convert("RGB") for i, d in enumerate(req.init_images)]
+    if req.mask is None:
+        return _Img2ImgInputs([im.resize_image(req.resize_mode, o, req.width, req.height) for o in originals], originals)
+    mask = im.decode_image(req.mask, "mask").convert("L")
+    if mask.size != originals[0].size:
+        raise InvalidRequestError(
+            f"mask: its size {mask.width}x{mask.height} differs from the init image's {originals[0].width}x{originals[0].height}"
+        )
+    if req.inpainting_mask_invert:
+        mask = ImageOps.invert(mask)
+    blurred = mask.filter(ImageFilter.GaussianBlur(req.mask_blur)) if req.mask_blur else mask
+    crop = None
+    if req.inpaint_full_res:
+        box = im.masked_bbox(mask, req.inpaint_full_res_padding)
+        if box is None:
+            raise InvalidRequestError("mask: it is empty (all black): paint the area to repaint in white")
+        crop = im.expand_to_ratio(box, req.width, req.height, mask.width, mask.height)
+        work_mask = blurred.crop(crop).resize((req.width, req.height), Image.LANCZOS)
+        images = [o.crop(crop).resize((req.width, req.height), Image.LANCZOS) for o in originals]
+    else:
+        work_mask = im.resize_image(req.resize_mode, blurred.convert("RGB"), req.width, req.height).convert("L")
+        images = [im.resize_image(req.resize_mode, o, req.width, req.height) for o in originals]
+        originals = [o.resize((req.width, req.height), Image.LANCZOS) if o.size != (req.width, req.height) else o for o in originals]
+        blurred = work_mask
+    if req.inpainting_fill == 0:
+        images = [im.fill_masked(i, work_mask) for i in images]
+    latent = torch.from_numpy(im.mask_to_latent(work_mask, req.width, req.height))[None, None]
+    return _Img2ImgInputs(images, originals, im.PreparedMask(work_mask, blurred, crop), latent)
+
+
+def generate_images(
     model: LoadedModel,
     req: GenerationRequest,
     model_id: Identity,
@@ -268,14 +351,24 @@ def txt2img(
     control: JobControl | None = None,
     progress: ProgressFn | None = None,
     extras: Extras | None = None,
+    upscale: Callable[[Image.Image, int, int, str], Image.Image] | None = None,
 ) -> GenerationResult:
-    """Generate ``req.n_iter`` batches of ``req.batch_size`` images. Raises Interrupted if interrupted.
+    """txt2img (with hires fix) or, when ``req.init_images`` is set, img2img and inpainting.
 
-    ``<lora:...>`` tags are removed from the prompt before encoding; the LoRAs in ``extras`` are
-    merged into the model for this job only and removed before it returns.
+    Generates ``req.n_iter`` batches of ``req.batch_size`` images; raises Interrupted if
+    interrupted. ``<lora:...>`` tags are removed from the prompt before encoding; the LoRAs in
+    ``extras`` are merged into the model for this job only and removed before it returns.
+    ``upscale(image, width, height, upscaler)`` resizes with a named non-latent upscaler.
     """
     extras = extras or Extras()
+    img2img = bool(req.init_images)
     choice = samplers.resolve(req.sampler_name, req.scheduler)
+    hr_choice = samplers.resolve(req.hr_sampler_name or req.sampler_name, req.hr_scheduler or req.scheduler) if req.enable_hr else None
+    if req.enable_hr and img2img:
+        raise InvalidRequestError("enable_hr: hires fix is for txt2img; img2img takes the size you ask for")
+    hr_upscaler = req.hr_upscaler or "Latent"
+    if req.enable_hr and hr_upscaler not in LATENT_MODES and upscale is None:
+        raise InvalidRequestError(f"hr_upscaler: {hr_upscaler!r} is not available here; use one of {', '.join(LATENT_MODES)}")
     seeds, subseeds = all_seeds(req.seed, req.subseed, req.subseed_strength, req.total_images)
     vae = vae if vae is not None else model.vae
     started = time.monotonic()
@@ -283,14 +376,19 @@ def txt2img(
     latent_shape = (4, req.height // 8, req.width // 8)
     prompt, _ = extract_extra_networks(req.prompt)
     negative, _ = extract_extra_networks(req.negative_prompt)
+    inputs = _prepare_img2img(req) if img2img else None
+    strength = req.denoising_strength if req.denoising_strength is not None else (0.75 if img2img else 0.7)
+    inpaint_model = model.unet.config.in_channels == 9
+    total_steps = req.steps
+    if img2img:
+        total_steps = max(1, min(int(min(strength, 0.999) * req.steps), req.steps))
+    hr_steps = 0
+    if req.enable_hr:
+        hr_steps = max(1, min(int(min(strength, 0.999) * (req.hr_second_pass_steps or req.steps)), req.hr_second_pass_steps or req.steps))
     with model.lock, _tiling([model.unet, vae], req.tiling), _loras(model, extras.loras):
-        image_cond = _txt2img_image_cond(model, vae, req)
         encoder = PromptEncoder(model, req.clip_skip, extras.embeddings, req.novelai_braces)
         conds = job_conditioning(encoder, prompt, negative, req.steps)
-        extra_params = {
-            "Lora hashes": _hash_list([(info.name, info.shorthash) for info, te, un in extras.loras if te or un]),
-            "TI hashes": _hash_list([(e.name, e.shorthash) for e in encoder.used_embeddings.values()]),
-        }
+        extra_params: dict[str, Any] = {}
         for n in range(req.n_iter):
             if control is not None and control.interrupted.is_set():
                 raise Interrupted()
@@ -298,47 +396,154 @@ def txt2img(
                 control.skipped.clear()
             bs = slice(n * req.batch_size, (n + 1) * req.batch_size)
             batch_seeds, batch_subseeds = seeds[bs], subseeds[bs]
-            rng = ImageNoise(
-                batch_seeds,
-                batch_subseeds,
-                req.subseed_strength,
-                req.seed_resize_from_h,
-                req.seed_resize_from_w,
-                shape=latent_shape,
-            )
+            rng = ImageNoise(batch_seeds, batch_subseeds, req.subseed_strength, req.seed_resize_from_h, req.seed_resize_from_w,
+                             shape=latent_shape)
             noise = rng.first()
             scheduler = choice.make(model.prediction_type, batch_seeds)
 
-            def on_step(step: int, latents: torch.Tensor, n: int = n) -> None:
+            def on_step(step: int, latents: torch.Tensor, n: int = n, offset: int = 0) -> None:
                 if progress is not None:
-                    progress(Progress(n, req.n_iter, step, req.steps, started, latents))
+                    progress(Progress(n, req.n_iter, offset + step, total_steps + hr_steps, started, latents))
 
+            init_latent = latent_mask = image_cond = None
+            if inputs is not None:
+                batch_images = [inputs.images[(n * req.batch_size + i) % len(inputs.images)] for i in range(req.batch_size)]
+                init_latent = encode(vae, batch_images, model.vae_scale)
+                if req.resize_mode == 3 and inputs.mask is None:  # latent upscale: encode at source size, resize latents
+                    src = [inputs.originals[(n * req.batch_size + i) % len(inputs.originals)] for i in range(req.batch_size)]
+                    init_latent = torch.nn.functional.interpolate(
+                        encode(vae, src, model.vae_scale), size=latent_shape[1:], mode="bilinear", antialias=False
+                    )
+                if inputs.latent_mask is not None:
+                    latent_mask = inputs.latent_mask.to(init_latent.device)
+                    if req.inpainting_fill == 2:
+                        init_latent = init_latent * (1 - latent_mask) + noise.to(init_latent.device) * latent_mask
+                    elif req.inpainting_fill == 3:
+                        init_latent = init_latent * (1 - latent_mask)
+                if inpaint_model:
+                    image_cond = _inpaint_image_cond(model, vae, batch_images, latent_mask, init_latent.shape)
+            elif inpaint_model:
+                image_cond = _txt2img_image_cond(model, vae, req).repeat(req.batch_size, 1, 1, 1)
             latents = sample(
-                model,
-                scheduler,
-                noise,
-                conds,
-                req.cfg_scale,
-                req.steps,
-                _step_kwargs(scheduler, rng.generators, req.eta),
-                (req.height, req.width),
-                control,
-                on_step,
-                image_cond.repeat(req.batch_size, 1, 1, 1) if image_cond is not None else None,
+                model, scheduler, noise, conds, req.cfg_scale, req.steps, _step_kwargs(scheduler, rng.generators, req.eta),
+                (req.height, req.width), control, on_step, image_cond, init_latent, strength if img2img else 1.0,
+                None if inpaint_model else latent_mask,
             )
+            if req.enable_hr and not _stopped(control):
+                latents = _hires_pass(model, vae, req, hr_choice, hr_upscaler, strength, latents, batch_seeds, batch_subseeds,
+                                      encoder, prompt, negative, conds, control,
+                                      lambda step, lat, n=n: on_step(step, lat, n, total_steps), upscale)
+                extra_params.update(_hires_params(req, hr_upscaler, strength, hr_choice, choice))
             if control is not None and control.interrupted.is_set():
                 raise Interrupted()
             if control is not None and control.skipped.is_set():
                 result.warnings.append(f"batch {n + 1} of {req.n_iter} was skipped")
                 continue
-            for img, seed, subseed in zip(decode(vae, latents, model.vae_scale), batch_seeds, batch_subseeds, strict=True):
+            images = decode(vae, latents, model.vae_scale)
+            if inputs is not None and inputs.mask is not None:
+                from .images import paste_back
+
+                images = [
+                    paste_back(inputs.originals[(n * req.batch_size + i) % len(inputs.originals)], img, inputs.mask.blurred, inputs.mask.crop)
+                    for i, img in enumerate(images)
+                ]
+            if img2img:
+                extra_params.update(_img2img_params(req, strength))
+            lora_ti = {
+                "Lora hashes": _hash_list([(info.name, info.shorthash) for info, te, un in extras.loras if te or un]),
+                "TI hashes": _hash_list([(e.name, e.shorthash) for e in encoder.used_embeddings.values()]),
+            }
+            for img, seed, subseed in zip(images, batch_seeds, batch_subseeds, strict=True):
                 params = infotext_params(req, choice, seed, subseed, model_id, vae_id)
                 params.update(extra_params)
+                params.update(lora_ti)
                 result.images.append(img)
                 result.infotexts.append(build_infotext(req.prompt, req.negative_prompt, params))
                 result.seeds.append(seed)
                 result.subseeds.append(subseed)
     return result
+
+
+txt2img = generate_images  # the name callers used before img2img existed
+
+
+def _stopped(control: JobControl | None) -> bool:
+    return control is not None and (control.interrupted.is_set() or control.skipped.is_set())
+
+
+def _inpaint_image_cond(model: LoadedModel, vae: Any, images: list[Image.Image], latent_mask: torch.Tensor | None,
+                        shape: torch.Size) -> torch.Tensor:
+    """9-channel inpainting models see the mask and the image with the masked area blanked (A1111)."""
+    arr = np.stack([np.asarray(i.convert("RGB"), dtype=np.float32) / 127.5 - 1.0 for i in images])
+    x = torch.from_numpy(arr).permute(0, 3, 1, 2)
+    if latent_mask is None:
+        pixel_mask = torch.ones(1, 1, *x.shape[2:])
+        latent_mask = torch.ones(1, 1, *shape[2:])
+    else:
+        pixel_mask = torch.nn.functional.interpolate(latent_mask.float().cpu(), size=x.shape[2:], mode="nearest")
+    masked = (x * (1 - pixel_mask)).to(vae.device, vae.dtype)
+    with torch.inference_mode():
+        lat = vae.encode(masked).latent_dist.mode().float() * model.vae_scale
+    m = latent_mask.float().to(lat.device).expand(lat.shape[0], 1, *lat.shape[2:])
+    return torch.cat([m, lat], dim=1)
+
+
+def _hires_pass(model: LoadedModel, vae: Any, req: GenerationRequest, choice: samplers.SamplerChoice, upscaler: str,
+                strength: float, latents: torch.Tensor, seeds: list[int], subseeds: list[int], encoder: PromptEncoder,
+                prompt: str, negative: str, conds: JobConditioning, control: JobControl | None,
+                on_step: Callable[[int, torch.Tensor], None], upscale: Any) -> torch.Tensor:
+    """Hires fix: upscale the first pass (in latent space, or as an image) and run img2img on it."""
+    w, h = req.hr_size
+    if upscaler in LATENT_MODES:
+        mode, aa = LATENT_MODES[upscaler]
+        init = torch.nn.functional.interpolate(latents, size=(h // 8, w // 8), mode=mode, antialias=aa)
+    else:
+        big = [upscale(img, w, h, upscaler) for img in decode(vae, latents, model.vae_scale)]
+        init = encode(vae, big, model.vae_scale)
+    hr_prompt, _ = extract_extra_networks(req.hr_prompt) if req.hr_prompt else (prompt, [])
+    hr_negative, _ = extract_extra_networks(req.hr_negative_prompt) if req.hr_negative_prompt else (negative, [])
+    steps = req.hr_second_pass_steps or req.steps
+    hr_conds = conds if (hr_prompt, hr_negative) == (prompt, negative) else job_conditioning(encoder, hr_prompt, hr_negative, steps)
+    rng = ImageNoise(seeds, subseeds, req.subseed_strength, shape=(4, h // 8, w // 8))
+    noise = rng.first()
+    scheduler = choice.make(model.prediction_type, seeds)
+    image_cond = None
+    if model.unet.config.in_channels == 9:
+        image_cond = _inpaint_image_cond(model, vae, decode(vae, init, model.vae_scale), None, init.shape)
+    return sample(model, scheduler, noise, hr_conds, req.cfg_scale, steps, _step_kwargs(scheduler, rng.generators, req.eta),
+                  (h, w), control, on_step, image_cond, init, strength)
+
+
+def _hires_params(req: GenerationRequest, upscaler: str, strength: float, hr: samplers.SamplerChoice,
+                  first: samplers.SamplerChoice) -> dict[str, Any]:
+    resized = req.hr_resize_x or req.hr_resize_y
+    w, h = req.hr_size
+    return {
+        "Denoising strength": f"{strength:g}",
+        "Hires upscale": None if resized else f"{req.hr_scale:g}",
+        "Hires resize": f"{w}x{h}" if resized else None,
+        "Hires steps": req.hr_second_pass_steps or None,
+        "Hires upscaler": upscaler,
+        "Hires sampler": hr.sampler.name if hr.sampler.name != first.sampler.name else None,
+        "Hires schedule type": hr.schedule_label if hr.schedule != first.schedule else None,
+        "Hires prompt": req.hr_prompt or None,
+        "Hires negative prompt": req.hr_negative_prompt or None,
+    }
+
+
+def _img2img_params(req: GenerationRequest, strength: float) -> dict[str, Any]:
+    params: dict[str, Any] = {"Denoising strength": f"{strength:g}"}
+    if req.mask is not None:
+        params.update({
+            "Mask blur": req.mask_blur,
+            "Inpaint area": "Only masked" if req.inpaint_full_res else None,
+            "Masked area padding": req.inpaint_full_res_padding if req.inpaint_full_res else None,
+            "Masked content": ["fill", "original", "latent noise", "latent nothing"][req.inpainting_fill],
+            "Mask mode": "Inpaint not masked" if req.inpainting_mask_invert else None,
+        })
+    elif req.resize_mode:
+        params["Resize mode"] = ["Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)"][req.resize_mode]
+    return params
 
 
 @contextlib.contextmanager

@@ -59,7 +59,9 @@ def job_view(service: Service, job: Job) -> dict[str, Any]:
         "started_at": job.started_at,
         "finished_at": job.finished_at,
         "attempts": job.attempts,
-        "params": job.params,
+        # Input images can be megabytes: the view says how many there were instead.
+        "params": {k: (f"<{len(v)} image(s)>" if k == "init_images" else "<mask>" if k == "mask" and v else v)
+                   for k, v in job.params.items()},
         "result": job.result,
         "error": job.error,
         "position": service.store.position(job.id) if job.status is JobStatus.QUEUED else None,

@@ -26,7 +26,7 @@ from .store import Job, JobStatus, LimitError, Store, User
 
 log = logging.getLogger("muralist.service")
 
-JOB_TYPES = ("txt2img",)
+JOB_TYPES = ("txt2img", "img2img")
 
 
 @dataclass
@@ -136,6 +136,17 @@ class Service:
             raise InvalidRequestError(f"type: unknown job type {job_type!r}; supported: {', '.join(JOB_TYPES)}")
         defaults = {k: v for k, v in user.options.items() if k in GenerationRequest.model_fields}
         req = parse_request({**defaults, **params})
+        if job_type == "img2img" and not req.init_images:
+            raise InvalidRequestError("init_images: img2img needs at least one image (base64 PNG/JPEG/WEBP)")
+        if job_type == "txt2img" and req.init_images:
+            raise InvalidRequestError("init_images: send images with type img2img, not txt2img")
+        if req.init_images:
+            from ..engine.images import decode_image
+
+            for i, data in enumerate(req.init_images):  # refuse a bad image now, not when the job runs
+                decode_image(data, f"init_images[{i}]")
+            if req.mask is not None:
+                decode_image(req.mask, "mask")
         limits = self.settings.limits.merged(user.limits)
         if req.width * req.height > limits.max_pixels:
             raise InvalidRequestError(f"width x height: {req.width}x{req.height} is over your limit of {limits.max_pixels} pixels")
@@ -224,7 +235,7 @@ class Service:
             if job.cancel_requested:
                 control.interrupt()
             req = GenerationRequest.model_validate(job.params)
-            out_dir = self.dirs.outputs_dir / job.owner / "txt2img-images" / time.strftime("%Y-%m-%d")
+            out_dir = self.dirs.outputs_dir / job.owner / f"{job.type}-images" / time.strftime("%Y-%m-%d")
             saved = self.engine.generate(req, control=control, progress=lambda p: self._progress(live, p), save_to=out_dir)
             images = []
             for i, (path, text, seed) in enumerate(zip(saved.paths, saved.result.infotexts, saved.result.seeds, strict=True)):

@@ -44,8 +44,6 @@ def a1111_params(body: dict[str, Any]) -> dict[str, Any]:
     for key in ("seed_resize_from_h", "seed_resize_from_w"):
         if int(params.get(key, -1)) <= 0:  # A1111 treats 0 and -1 alike: no resize
             params[key] = -1
-    if body.get("enable_hr"):
-        raise InvalidRequestError("enable_hr: hires fix is not available yet in muralist; send enable_hr false")
     return params
 
 
@@ -105,6 +103,11 @@ def decode_image(data: str) -> bytes:
         raise InvalidRequestError("image: not valid base64") from None
 
 
+def decode_init(data: str) -> str:
+    """An init image as A1111 returns it with include_init_images: raw base64."""
+    return data.partition(",")[2] if data.startswith("data:") else data
+
+
 def install(app: FastAPI, service: Service) -> None:
     current_user = app.state.current_user
     r = APIRouter()
@@ -126,11 +129,12 @@ def install(app: FastAPI, service: Service) -> None:
         finally:
             service.hub.unsubscribe(key)
 
-    @r.post("/sdapi/v1/txt2img")
-    async def txt2img(body: dict[str, Any] = Body(...), user: User = Depends(current_user)) -> dict[str, Any]:
+    async def run(job_type: str, body: dict[str, Any], user: User) -> dict[str, Any]:
         params = a1111_params(body)
+        if job_type == "img2img":
+            params.setdefault("denoising_strength", 0.75)
         loop = asyncio.get_running_loop()
-        job = await loop.run_in_executor(None, lambda: service.submit(user, "txt2img", params, job_id=body.get("force_task_id")))
+        job = await loop.run_in_executor(None, lambda: service.submit(user, job_type, params, job_id=body.get("force_task_id")))
         job = await wait_finished(job.id)
         if job.status is JobStatus.FAILED:
             raise HTTPException(500, job.error or "generation failed")
@@ -140,7 +144,20 @@ def install(app: FastAPI, service: Service) -> None:
                 rec = service.store.get_image(image_id)
                 if rec is not None:
                     images.append(base64.b64encode((service.dirs.root / rec.path).read_bytes()).decode())
-        return {"images": images, "parameters": body, "info": info_json(job, job.params)}
+        if job_type == "img2img" and body.get("include_init_images"):
+            images += [decode_init(d) for d in body.get("init_images", [])]
+        parameters = {k: v for k, v in body.items() if k not in ("init_images", "mask")} if job_type == "img2img" else body
+        return {"images": images, "parameters": parameters, "info": info_json(job, job.params)}
+
+    @r.post("/sdapi/v1/txt2img")
+    async def txt2img(body: dict[str, Any] = Body(...), user: User = Depends(current_user)) -> dict[str, Any]:
+        return await run("txt2img", body, user)
+
+    @r.post("/sdapi/v1/img2img")
+    async def img2img(body: dict[str, Any] = Body(...), user: User = Depends(current_user)) -> dict[str, Any]:
+        if not body.get("init_images"):
+            raise InvalidRequestError("init_images: img2img needs at least one image")
+        return await run("img2img", body, user)
 
     def progress_of(user: User) -> dict[str, Any]:
         # Answered from memory (live jobs, cached queue counts): it is polled often, mid-generation.
