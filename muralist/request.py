@@ -51,6 +51,11 @@ class GenerationRequest(BaseModel):
     inpaint_full_res: bool = Field(True, description="inpaint area: True only masked, False whole picture")
     inpaint_full_res_padding: int = Field(0, ge=0, le=256)
     inpainting_mask_invert: int = Field(0, ge=0, le=1)
+    # outpainting (muralist's form of A1111's outpainting scripts): extend the canvas of init_images[0]
+    outpaint_left: int = Field(0, ge=0, le=2048)
+    outpaint_right: int = Field(0, ge=0, le=2048)
+    outpaint_top: int = Field(0, ge=0, le=2048)
+    outpaint_bottom: int = Field(0, ge=0, le=2048)
     # hires fix (txt2img)
     enable_hr: bool = False
     hr_scale: float = Field(2.0, ge=1.0, le=4.0)
@@ -81,6 +86,10 @@ class GenerationRequest(BaseModel):
     @property
     def total_images(self) -> int:
         return self.batch_size * self.n_iter
+
+    @property
+    def outpaints(self) -> bool:
+        return any((self.outpaint_left, self.outpaint_right, self.outpaint_top, self.outpaint_bottom))
 
     @property
     def hr_size(self) -> tuple[int, int]:

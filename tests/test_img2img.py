@@ -120,3 +120,18 @@ def test_bad_images_and_masks(engine, tmp_path: Path, kw: dict, msg: str | None)
         msg = "mask: its size 32x32 differs"
     with pytest.raises(InvalidRequestError, match=msg.replace("[", r"\[").replace("]", r"\]")):
         gen(engine, tmp_path, **kw)
+
+
+def test_outpainting_extends_the_canvas_and_keeps_the_original(engine, tmp_path: Path) -> None:
+    src = source(64, 48)
+    saved = gen(engine, tmp_path, init_images=[b64(src)], outpaint_left=32, outpaint_bottom=14, mask_blur=2, width=64, height=64)
+    out = saved.result.images[0]
+    assert out.size == (96, 64)  # 64+32 wide, 48+14 -> padded to 64 high
+    arr, orig = pixels(out), pixels(src)
+    # The original region, away from the repainted seam (2 * mask_blur px plus the blur itself), is untouched.
+    assert np.array_equal(arr[0:36, 32 + 10 : 96], orig[0:36, 10:64])
+    from muralist.engine.images import outpaint_canvas
+
+    canvas, mask = outpaint_canvas(src, 32, 0, 0, 14, 4)
+    assert canvas.size == mask.size == (96, 64)
+    assert np.abs(arr[:, :24] - pixels(canvas)[:, :24]).mean() > 1  # the new area was generated, not just filled

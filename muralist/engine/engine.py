@@ -41,6 +41,22 @@ class SavedResult:
     vae: VaeInfo | None = None
 
 
+def outpaint_request(req: GenerationRequest) -> GenerationRequest:
+    """An outpainting request as the inpainting request it is: extended canvas + mask of the new area."""
+    from ..errors import InvalidRequestError
+    from .images import decode_image, encode_png, outpaint_canvas
+
+    if not req.init_images:
+        raise InvalidRequestError("init_images: outpainting extends an image: send one")
+    src = decode_image(req.init_images[0], "init_images[0]")
+    canvas, mask = outpaint_canvas(src, req.outpaint_left, req.outpaint_right, req.outpaint_top, req.outpaint_bottom, req.mask_blur * 2)
+    return req.model_copy(update={
+        "init_images": [encode_png(canvas)], "mask": encode_png(mask), "width": canvas.width, "height": canvas.height,
+        "inpaint_full_res": False, "resize_mode": 0, "outpaint_left": 0, "outpaint_right": 0, "outpaint_top": 0, "outpaint_bottom": 0,
+        "denoising_strength": req.denoising_strength if req.denoising_strength is not None else 0.9,
+    })
+
+
 def next_sequence_number(folder: Path) -> int:
     """A1111's numbering: one more than the highest ``NNNNN-`` prefix in the folder."""
     highest = -1
@@ -221,6 +237,8 @@ class Engine:
     ) -> SavedResult:
         """Run a txt2img request and save its images (in ``save_to`` or A1111's dated outputs folder)."""
         req = self.apply_styles(req)
+        if req.outpaints:
+            req = outpaint_request(req)
         info = self.resolve_model(req)
         vae_info = self.registry.find_vae(req.vae) if req.vae else None
         with self.cache.use(info) as model:

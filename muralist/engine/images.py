@@ -157,3 +157,28 @@ def mask_to_latent(mask: Image.Image, width: int, height: int) -> np.ndarray:
     """A 0/1 latent-resolution mask (1 = repaint), as A1111 rounds it."""
     small = mask.convert("L").resize((width // 8, height // 8), Image.LANCZOS)
     return np.around(np.asarray(small, dtype=np.float32) / 255.0)
+
+
+def outpaint_canvas(image: Image.Image, left: int, right: int, top: int, bottom: int, overlap: int) -> tuple[Image.Image, Image.Image]:
+    """The extended canvas (new area filled by stretching the edges) and its mask.
+
+    The canvas is padded on the right/bottom to a multiple of 8. The mask covers the new area and
+    ``overlap`` pixels of the original along each extended side, so the seam is repainted smoothly.
+    """
+    image = image.convert("RGB")
+    w, h = image.width + left + right, image.height + top + bottom
+    w8, h8 = -(-w // 8) * 8, -(-h // 8) * 8
+    right += w8 - w
+    bottom += h8 - h
+    canvas = image.resize((w8, h8), Image.LANCZOS)  # a stretched copy fills the new borders
+    canvas = canvas.filter(ImageFilter.GaussianBlur(8))
+    canvas.paste(image, (left, top))
+    mask = Image.new("L", (w8, h8), 255)
+    keep = (
+        left + (overlap if left else 0),
+        top + (overlap if top else 0),
+        left + image.width - (overlap if right else 0),
+        top + image.height - (overlap if bottom else 0),
+    )
+    mask.paste(0, keep)
+    return canvas, mask
