@@ -239,6 +239,14 @@ def create_app(service: Service, auth: AuthConfig | None = None, cors_origins: l
         return {"samplers": [s.name for s in samplers.SAMPLERS],
                 "schedulers": [samplers.SCHEDULES[k][0] for k in samplers.SUPPORTED_SCHEDULES]}
 
+    @app.post("/api/v1/interrogate")
+    def interrogate(body: dict[str, Any], user: User = Depends(current_user)) -> dict[str, str]:
+        from ..engine.images import decode_image
+
+        if not body.get("image"):
+            raise InvalidRequestError("image: a base64 image is required")
+        return {"caption": service.interrogator.caption(decode_image(body["image"]))}
+
     @app.get("/api/v1/token-count")
     def count(prompt: str = "", steps: int = Query(20, ge=1, le=150)) -> dict[str, int]:
         from ..engine.conditioning import token_count

@@ -87,6 +87,9 @@ class Service:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.instance = uuid.uuid4().hex[:8]
+        from ..interrogate import Interrogator
+
+        self.interrogator = Interrogator(dirs)
         self._counts: dict[str, int] = {}
         self._counts_at = 0.0
 

@@ -323,6 +323,17 @@ def install(app: FastAPI, service: Service) -> None:
             return {"info": "", "items": {}, "parameters": {}}
         return {"info": text, "items": {"parameters": text}, "parameters": parse_infotext(text)}
 
+    @r.post("/sdapi/v1/interrogate")
+    def interrogate(body: dict[str, Any] = Body(...), user: User = Depends(current_user)) -> dict[str, Any]:
+        from ..engine.images import decode_image
+
+        model = body.get("model", "clip")
+        if model != "clip":
+            raise InvalidRequestError(f"model: {model!r} is not available; muralist interrogates with 'clip' (a local BLIP model)")
+        if not body.get("image"):
+            raise InvalidRequestError("image: a base64 image is required")
+        return {"caption": service.interrogator.caption(decode_image(body["image"]))}
+
     @r.post("/internal/progress")
     def internal_progress(body: dict[str, Any] = Body(...), user: User = Depends(current_user)) -> dict[str, Any]:
         job_id = str(body.get("id_task", ""))
