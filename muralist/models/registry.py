@@ -239,7 +239,7 @@ class ModelRegistry:
         vae_paths: dict[str, Path] = {}
 
         ckpt_dir = self.dirs.ckpt_dir
-        for path, is_folder in _walk(ckpt_dir, diffusers=True):
+        for path, is_folder in walk_models(ckpt_dir, diffusers=True):
             rel = path.relative_to(ckpt_dir).as_posix()
             lower = path.name.lower()
             try:
@@ -255,7 +255,7 @@ class ModelRegistry:
                 skipped.append((path, f"cannot read {path}: {exc.strerror or exc}"))
 
         # Like A1111, the VAE folder comes last, so it wins a file-name clash.
-        for path, _ in _walk(self.dirs.vae_dir, diffusers=False):
+        for path, _ in walk_models(self.dirs.vae_dir):
             if path.suffix.lower() in VAE_EXTS:
                 vae_paths[path.name] = path
         vaes: list[VaeInfo] = []
@@ -413,7 +413,7 @@ def _detect(path: Path) -> dict[str, Any]:
     return {"family": kind.family.value, "inpainting": kind.inpainting, "v_pred": "v_pred" in shapes}
 
 
-def _walk(root: Path, diffusers: bool) -> Iterator[tuple[Path, bool]]:
+def walk_models(root: Path, diffusers: bool = False) -> Iterator[tuple[Path, bool]]:
     """Files under ``root`` in A1111's order, and diffusers folders as single entries.
 
     Hidden folders (``.git``, ``.ipynb_checkpoints``) are skipped; symlinked folders are

@@ -32,7 +32,7 @@ from ..errors import ModelFileError, MuralistError, closest
 from ..models import convert, files, hashing
 from ..models.family import Family
 from ..models.loader import LoadedModel
-from ..models.registry import _walk, natural_key
+from ..models.registry import natural_key, walk_models
 from ..paths import DataDirs
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ class LoraRegistry:
         loras: list[LoraInfo] = []
         skipped: list[tuple[Path, str]] = []
         known: dict[Path, tuple[int, int, LoraInfo]] = {}
-        for path, _ in _walk(self.dirs.lora_dir, diffusers=False):
+        for path, _ in walk_models(self.dirs.lora_dir):
             if path.suffix.lower() not in LORA_EXTS:
                 continue
             try:

@@ -32,7 +32,7 @@ import torch
 from muralist.errors import ModelFileError
 from muralist.models import files
 from muralist.models.hashing import HashCache, sha256_file
-from muralist.models.registry import natural_key
+from muralist.models.registry import natural_key, walk_models
 from muralist.paths import DataDirs
 
 __all__ = [
@@ -225,24 +225,8 @@ def load_embedding(path: str | os.PathLike[str], *, sha256: Callable[[Path], str
 
 
 def _walk(root: Path) -> Iterator[Path]:
-    """Embedding files under ``root``: a folder's own files (natural order) before its subfolders.
-
-    Hidden files and folders are skipped (``.git``, macOS ``._x.pt`` resource forks); symlinked
-    folders are followed once each so a link loop cannot hang the scan.
-    """
-    if not root.is_dir():
-        return
-    seen: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:
-            dirnames[:] = []
-            continue
-        seen.add(real)
-        dirnames[:] = sorted((d for d in dirnames if not d.startswith(".")), key=natural_key)
-        for name in sorted(filenames, key=natural_key):
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in EMBEDDING_EXTS:
-                yield Path(dirpath) / name
+    """Embedding files under ``root`` in A1111's order (hidden files and folders skipped)."""
+    return (p for p, _ in walk_models(root) if p.suffix.lower() in EMBEDDING_EXTS)
 
 
 _Stamp = tuple[int, int]  # (size, mtime_ns): a change means the file must be reread
