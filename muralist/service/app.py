@@ -113,6 +113,7 @@ def create_app(service: Service, auth: AuthConfig | None = None, cors_origins: l
         return JSONResponse({"error": "ValidationError", "detail": "; ".join(parts), "errors": jsonable(exc.errors())}, 422)
 
     _install_docs(app)
+    _install_ui(app)
 
     def current_user(request: Request) -> User:
         header = request.headers.get("authorization", "")
@@ -302,6 +303,19 @@ def _sse(service: Service, request: Request, owner: str | None, job_id: str | No
             service.hub.unsubscribe(key)
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _install_ui(app: FastAPI) -> None:
+    """The web UI: static files that speak only the public /api/v1 API."""
+    from fastapi.responses import HTMLResponse
+    from fastapi.staticfiles import StaticFiles
+
+    web = Path(__file__).resolve().parent.parent / "web"
+    app.mount("/ui", StaticFiles(directory=web), name="ui")
+
+    @app.get("/", include_in_schema=False)
+    def index() -> HTMLResponse:
+        return HTMLResponse((web / "index.html").read_text(encoding="utf-8"))
 
 
 def _install_docs(app: FastAPI) -> None:

@@ -1,0 +1,306 @@
+// muralist web UI: plain JavaScript over the public /api/v1 API (no private endpoints, no CDN).
+"use strict";
+
+const state = { lang: localStorage.getItem("muralist.lang") || "en", strings: {}, key: localStorage.getItem("muralist.key") || "",
+                lastSeed: null, jobs: new Map() };
+const $ = (id) => document.getElementById(id);
+
+function t(key, vars = {}) {
+  let s = state.strings[key] || key;
+  for (const [k, v] of Object.entries(vars)) s = s.replace(`{${k}}`, v);
+  return s;
+}
+
+async function loadLanguage(lang) {
+  const r = await fetch(`/ui/i18n/${lang}.json`);
+  state.strings = await r.json();
+  state.lang = lang;
+  localStorage.setItem("muralist.lang", lang);
+  document.documentElement.lang = lang;
+  document.querySelectorAll("[data-i18n]").forEach((el) => { el.textContent = t(el.dataset.i18n); });
+  $("lang").value = lang;
+  state.jobs.forEach((job) => renderJob(job));
+}
+
+function headers(extra = {}) {
+  return state.key ? { Authorization: `Bearer ${state.key}`, ...extra } : extra;
+}
+
+async function api(path, options = {}) {
+  const r = await fetch(path, { ...options, headers: headers(options.headers || {}) });
+  if (!r.ok) {
+    let detail = r.statusText;
+    try { detail = (await r.json()).detail || detail; } catch (e) { /* not JSON */ }
+    const err = new Error(typeof detail === "string" ? detail : JSON.stringify(detail));
+    err.status = r.status;
+    throw err;
+  }
+  return r.json();
+}
+
+async function imageURL(id) {
+  const r = await fetch(`/api/v1/images/${id}`, { headers: headers() });
+  return URL.createObjectURL(await r.blob());
+}
+
+function showError(msg) { $("error").textContent = msg || ""; }
+
+// ---------------------------------------------------------------- account
+
+async function refreshAccount() {
+  try {
+    const me = await api("/api/v1/me");
+    $("whoami").textContent = me.name;
+    $("signout").hidden = !state.key;
+    $("login").hidden = Boolean(state.key);
+    showError("");
+    return me;
+  } catch (e) {
+    $("whoami").textContent = "";
+    $("login").hidden = false;
+    showError(e.message);
+    return null;
+  }
+}
+
+// ---------------------------------------------------------------- form
+
+async function fillChoices(me) {
+  const [models, samplers] = await Promise.all([api("/api/v1/models"), api("/api/v1/samplers")]);
+  const fill = (sel, values, current) => {
+    sel.innerHTML = "";
+    for (const v of values) sel.add(new Option(v, v, false, v === current));
+  };
+  const opts = (me && me.options) || {};
+  fill($("model"), models.checkpoints.map((c) => c.title), opts.model);
+  fill($("sampler_name"), samplers.samplers, opts.sampler_name || "Euler a");
+  fill($("scheduler"), ["Automatic", ...samplers.schedulers.filter((s) => s !== "Automatic")], opts.scheduler || "Automatic");
+}
+
+let tokenTimer = null;
+function countTokens() {
+  clearTimeout(tokenTimer);
+  tokenTimer = setTimeout(async () => {
+    const r = await api(`/api/v1/token-count?prompt=${encodeURIComponent($("prompt").value)}&steps=${$("steps").value || 20}`);
+    $("tokens").textContent = `${r.tokens}/${r.limit}`;
+  }, 250);
+}
+
+function formParams() {
+  const num = (id) => Number($(id).value);
+  return {
+    prompt: $("prompt").value, negative_prompt: $("negative_prompt").value, model: $("model").value,
+    sampler_name: $("sampler_name").value, scheduler: $("scheduler").value, steps: num("steps"), cfg_scale: num("cfg_scale"),
+    width: num("width"), height: num("height"), seed: num("seed"), n_iter: num("n_iter"), batch_size: num("batch_size"),
+  };
+}
+
+async function generate(ev) {
+  if (ev) ev.preventDefault();
+  showError("");
+  try {
+    const job = await api("/api/v1/jobs", { method: "POST", headers: { "Content-Type": "application/json" },
+                                            body: JSON.stringify({ type: "txt2img", params: formParams() }) });
+    const view = { id: job.id, status: job.status, position: job.position, step: 0, steps: 0, eta: null, images: [], infotexts: [] };
+    state.jobs.set(job.id, view);
+    renderJob(view);
+    follow(view);
+  } catch (e) {
+    showError(e.message);
+  }
+}
+
+// ---------------------------------------------------------------- jobs and live progress
+
+async function follow(view) {
+  // fetch + a stream reader, because EventSource cannot send the Authorization header.
+  const r = await fetch(`/api/v1/jobs/${view.id}/events`, { headers: headers() });
+  const reader = r.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, { stream: true });
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const chunk = buffer.slice(0, cut);
+      buffer = buffer.slice(cut + 2);
+      const data = chunk.split("\n").find((l) => l.startsWith("data: "));
+      if (data) await onEvent(view, JSON.parse(data.slice(6)));
+    }
+  }
+}
+
+async function onEvent(view, ev) {
+  if (ev.type === "state") { view.status = ev.status; view.position = ev.position; }
+  if (ev.type === "queued") { view.position = ev.position; }
+  if (ev.type === "started") view.status = "running";
+  if (ev.type === "progress") {
+    Object.assign(view, { status: "running", step: ev.step, steps: ev.steps, eta: ev.eta });
+    if (ev.preview) view.preview = `data:image/png;base64,${ev.preview}`;
+  }
+  if (["finished", "failed", "canceled"].includes(ev.type) || ["succeeded", "failed", "canceled"].includes(view.status)) {
+    const job = await api(`/api/v1/jobs/${view.id}`);
+    view.status = job.status;
+    view.error = job.error;
+    if (job.result) {
+      view.infotexts = job.result.infotexts;
+      view.images = await Promise.all(job.result.images.map(imageURL));
+      if (job.result.seeds.length) state.lastSeed = job.result.seeds[0];
+    }
+  }
+  renderJob(view);
+}
+
+function statusText(v) {
+  if (v.status === "queued") return t("status.queued", { position: (v.position ?? 0) + 1 });
+  if (v.status === "running") return t("status.running", { step: v.step, steps: v.steps, eta: v.eta == null ? "?" : v.eta.toFixed(1) });
+  if (v.status === "failed") return t("status.failed", { error: v.error || "" });
+  return t(`status.${v.status}`);
+}
+
+function renderJob(v) {
+  let el = document.querySelector(`.job[data-id="${CSS.escape(v.id)}"]`);
+  if (!el) {
+    el = document.createElement("div");
+    el.className = "job";
+    el.dataset.id = v.id;
+    $("jobs").prepend(el);
+  }
+  const active = v.status === "queued" || v.status === "running";
+  el.dataset.status = v.status;
+  el.innerHTML = "";
+  const status = document.createElement("div");
+  status.className = "status";
+  status.textContent = statusText(v);
+  el.append(status);
+  if (v.status === "running") {
+    const bar = document.createElement("progress");
+    bar.max = v.steps || 1;
+    bar.value = v.step;
+    el.append(bar);
+    if (v.preview) { const p = new Image(); p.src = v.preview; p.className = "preview"; p.alt = "preview"; el.append(p); }
+  }
+  if (active) {
+    for (const [label, action] of [["interrupt", "cancel"], ["skip", "skip"]]) {
+      if (label === "skip" && v.status !== "running") continue;
+      const b = document.createElement("button");
+      b.textContent = t(v.status === "queued" ? "cancel" : label);
+      b.className = `job-${label}`;
+      b.onclick = () => api(`/api/v1/jobs/${v.id}/${action}`, { method: "POST" }).catch((e) => showError(e.message));
+      el.append(b);
+    }
+  }
+  if (v.images.length) {
+    const box = document.createElement("div");
+    box.className = "images";
+    v.images.forEach((src, i) => {
+      const fig = document.createElement("figure");
+      const img = new Image();
+      img.src = src;
+      img.alt = v.infotexts[i] || "";
+      const cap = document.createElement("figcaption");
+      cap.className = "infotext";
+      cap.textContent = v.infotexts[i] || "";
+      fig.append(img, cap);
+      box.append(fig);
+    });
+    el.append(box);
+  }
+}
+
+// ---------------------------------------------------------------- queue and history
+
+async function showQueue() {
+  const q = await api("/api/v1/queue");
+  const list = $("queue-list");
+  list.innerHTML = "";
+  for (const j of [...q.running, ...q.queued]) {
+    const li = document.createElement("li");
+    li.dataset.id = j.id;
+    const progress = j.progress || {};
+    li.textContent = `${j.id} — ${statusText({ ...j, step: progress.step || 0, steps: progress.steps || 0, eta: progress.eta })}`;
+    const b = document.createElement("button");
+    b.textContent = t("cancel");
+    b.onclick = async () => { await api(`/api/v1/jobs/${j.id}/cancel`, { method: "POST" }); showQueue(); };
+    li.append(" ", b);
+    list.append(li);
+  }
+  $("queue-others").textContent = t("queue.others", { count: q.others_queued });
+}
+
+function parseInfotext(text) {
+  const lines = text.split("\n");
+  const params = {};
+  for (const m of lines[lines.length - 1].matchAll(/\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)/g)) params[m[1]] = m[2];
+  const neg = lines.findIndex((l) => l.startsWith("Negative prompt:"));
+  params.prompt = lines.slice(0, neg >= 0 ? neg : lines.length - 1).join("\n");
+  params.negative = neg >= 0 ? lines.slice(neg, lines.length - 1).join("\n").replace(/^Negative prompt: /, "") : "";
+  return params;
+}
+
+async function showHistory() {
+  const { images } = await api("/api/v1/images?limit=60");
+  const box = $("history");
+  box.innerHTML = images.length ? "" : `<p>${t("history.empty")}</p>`;
+  for (const rec of images) {
+    const fig = document.createElement("figure");
+    fig.className = "history-item";
+    const img = new Image();
+    img.alt = rec.infotext;
+    imageURL(rec.id).then((u) => { img.src = u; });
+    const cap = document.createElement("figcaption");
+    cap.className = "infotext";
+    cap.textContent = rec.infotext;
+    const reuse = document.createElement("button");
+    reuse.textContent = t("history.reuse");
+    reuse.onclick = () => {
+      const p = parseInfotext(rec.infotext);
+      $("prompt").value = p.prompt;
+      $("negative_prompt").value = p.negative;
+      if (p.Steps) $("steps").value = p.Steps;
+      if (p["CFG scale"]) $("cfg_scale").value = p["CFG scale"];
+      if (p.Seed) $("seed").value = p.Seed;
+      if (p.Size) { const [w, h] = p.Size.split("x"); $("width").value = w; $("height").value = h; }
+      selectTab("txt2img");
+    };
+    fig.append(img, cap, reuse);
+    box.append(fig);
+  }
+}
+
+function selectTab(name) {
+  document.querySelectorAll("[role=tab]").forEach((b) => b.setAttribute("aria-selected", String(b.dataset.tab === name)));
+  document.querySelectorAll(".tab").forEach((s) => { s.hidden = s.id !== `tab-${name}`; });
+  if (name === "queue") showQueue().catch((e) => showError(e.message));
+  if (name === "history") showHistory().catch((e) => showError(e.message));
+}
+
+// ---------------------------------------------------------------- wiring
+
+async function start() {
+  await loadLanguage(state.lang);
+  $("lang").onchange = () => loadLanguage($("lang").value);
+  $("login").onsubmit = async (ev) => {
+    ev.preventDefault();
+    state.key = $("apikey").value.trim();
+    localStorage.setItem("muralist.key", state.key);
+    $("apikey").value = "";
+    const me = await refreshAccount();
+    if (me) await fillChoices(me);
+  };
+  $("signout").onclick = () => { state.key = ""; localStorage.removeItem("muralist.key"); location.reload(); };
+  document.querySelectorAll("[role=tab]").forEach((b) => { b.onclick = () => selectTab(b.dataset.tab); });
+  $("gen").onsubmit = generate;
+  $("prompt").addEventListener("keydown", (ev) => { if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) generate(ev); });
+  $("prompt").addEventListener("input", countTokens);
+  $("swap").onclick = () => { const w = $("width").value; $("width").value = $("height").value; $("height").value = w; };
+  $("seed-random").onclick = () => { $("seed").value = -1; };
+  $("seed-reuse").onclick = () => { if (state.lastSeed != null) $("seed").value = state.lastSeed; };
+  const me = await refreshAccount();
+  if (me) await fillChoices(me).catch((e) => showError(e.message));
+  countTokens();
+}
+
+start();

@@ -1,0 +1,123 @@
+"""The web UI in real headless Chromium (Debian's chromium, driven by Playwright)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.server_util import copy_models, running_server
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+
+
+@pytest.fixture(scope="module")
+def site(a1111_models: Path, tmp_path_factory: pytest.TempPathFactory):
+    root = copy_models(a1111_models, tmp_path_factory.mktemp("web") / "data")
+    with running_server(root) as (url, service):
+        keys = {n: service.store.add_user(n) for n in ("alice", "bob")}
+        yield url, service, keys
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        yield b
+        b.close()
+
+
+def signed_in(browser, url: str, key: str):
+    page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
+    page.goto(url + "/")
+    page.fill("#apikey", key)
+    page.click("#login button[type=submit]")
+    page.wait_for_function("document.querySelector('#model').options.length > 0")
+    return page
+
+
+def small_job(page, prompt: str, steps: int = 3) -> None:
+    page.fill("#prompt", prompt)
+    for field, value in (("#width", "64"), ("#height", "64"), ("#steps", str(steps)), ("#seed", "7")):
+        page.fill(field, value)
+
+
+def shot(page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def test_generate_shows_the_image_with_its_infotext(site, browser) -> None:
+    url, _, keys = site
+    page = signed_in(browser, url, keys["alice"])
+    assert page.inner_text("#whoami") == "alice"
+    small_job(page, "a lighthouse at dusk")
+    page.wait_for_function("document.querySelector('#tokens').textContent === '4/75'")
+    page.focus("#prompt")
+    page.keyboard.press("Control+Enter")  # A1111 shortcut, from the prompt box
+    page.wait_for_selector(".job[data-status=succeeded] img", timeout=60000)
+    caption = page.inner_text(".job[data-status=succeeded] .infotext")
+    assert caption.startswith("a lighthouse at dusk") and "Seed: 7" in caption
+    assert page.eval_on_selector(".job img", "img => img.naturalWidth") == 64
+    shot(page, "txt2img")
+
+
+def test_queue_two_jobs_and_cancel_the_second(site, browser) -> None:
+    url, _, keys = site
+    page = signed_in(browser, url, keys["alice"])
+    small_job(page, "first", steps=60)
+    page.click("#generate")
+    small_job(page, "second", steps=3)
+    page.click("#generate")
+    page.wait_for_selector(".job[data-status=queued] button.job-interrupt", timeout=30000)
+    page.click(".job[data-status=queued] button.job-interrupt")
+    page.wait_for_selector(".job[data-status=canceled]", timeout=30000)
+    page.wait_for_selector(".job[data-status=succeeded]", timeout=120000)
+    assert page.locator(".job[data-status=succeeded] .infotext").inner_text().startswith("first")
+    page.click("[data-tab=queue]")
+    shot(page, "queue")
+
+
+def test_switching_to_simplified_chinese_changes_labels(site, browser) -> None:
+    url, _, keys = site
+    page = signed_in(browser, url, keys["alice"])
+    assert page.inner_text("#generate") == "Generate"
+    page.select_option("#lang", "zh-CN")
+    page.wait_for_function("document.querySelector('#generate').textContent === '生成'")
+    assert page.inner_text("[data-tab=history]") == "历史记录"
+    shot(page, "txt2img-zh")
+    page.reload()
+    page.wait_for_function("document.querySelector('#generate').textContent === '生成'")  # remembered
+    page.select_option("#lang", "en")
+
+
+def test_two_users_see_only_their_own_history(site, browser) -> None:
+    url, _, keys = site
+    alice = signed_in(browser, url, keys["alice"])
+    bob = signed_in(browser, url, keys["bob"])
+    small_job(bob, "bob's private castle")
+    bob.click("#generate")
+    bob.wait_for_selector(".job[data-status=succeeded] img", timeout=60000)
+    bob.click("[data-tab=history]")
+    bob.wait_for_selector(".history-item")
+    assert all("bob's private castle" in t for t in bob.locator(".history-item .infotext").all_inner_texts())
+    alice.click("[data-tab=history]")
+    alice.wait_for_selector(".history-item")
+    texts = alice.locator(".history-item .infotext").all_inner_texts()
+    assert texts and not any("bob's private castle" in t for t in texts)
+    shot(alice, "history")
+
+
+def test_page_weight_is_small_and_served_locally(site) -> None:
+    import httpx
+
+    url, _, _ = site
+    html = httpx.get(url + "/").text
+    assert "http://" not in html and "https://" not in html  # nothing from a CDN
+    total = sum(len(httpx.get(url + p).content) for p in ("/", "/ui/app.js", "/ui/style.css", "/ui/i18n/en.json"))
+    assert total < 60_000
