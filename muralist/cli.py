@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--workers", type=int, default=None, help="in-process workers (default: one per GPU, one on CPU)")
     sv.add_argument("--device", default=None)
     sv.add_argument("--max-loaded-models", type=int, default=2, help="checkpoints kept loaded (model cache size)")
+    sv.add_argument("--max-model-memory", type=float, default=None, metavar="GIB",
+                    help="memory budget of the loaded checkpoints' weights (RAM on CPU, VRAM on GPU)")
     sv.add_argument("--cors-allow-origins", default=None, help="comma-separated origins")
     sv.add_argument("--keep-days", type=float, default=30.0, help="prune finished jobs and their images after N days (0: keep all)")
     _add_dirs(sv)
@@ -325,6 +327,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         workers=args.workers if args.workers is not None else _workers(args.device),
         device=args.device,
         max_loaded_models=args.max_loaded_models,
+        max_model_bytes=int(args.max_model_memory * 2**30) if args.max_model_memory else None,
         keep_days=args.keep_days or None,
     )
     service = Service(dirs, store, settings)

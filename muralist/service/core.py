@@ -69,6 +69,7 @@ class Settings:
     limits: Limits = field(default_factory=Limits)
     preview_every: int = 5  # steps between live previews (0: none)
     max_loaded_models: int = 2
+    max_model_bytes: int | None = None  # weights budget of the model cache
     affinity_lookahead: int = 4
     affinity_max_wait: float = 60.0
     keep_days: float | None = 30.0  # finished jobs and their images are pruned after this; None: keep all
@@ -101,7 +102,8 @@ class Service:
             if self._engine is None:
                 from ..engine.engine import Engine, ModelCache
 
-                cache = ModelCache(max_models=self.settings.max_loaded_models, device=self.settings.device)
+                cache = ModelCache(max_models=self.settings.max_loaded_models, device=self.settings.device,
+                                   max_bytes=self.settings.max_model_bytes)
                 self._engine = Engine(self.dirs, cache=cache)
             return self._engine
 
