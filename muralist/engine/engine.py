@@ -175,6 +175,11 @@ class Engine:
         self.cache = cache or ModelCache(device=device)
         self.loras = LoraRegistry(self.dirs, self.registry.cache)
         self.embeddings = EmbeddingRegistry(self.dirs, self.registry.cache)
+        from ..upscale.faces import FaceRestorers
+        from ..upscale.upscalers import UpscalerRegistry
+
+        self.upscalers = UpscalerRegistry(self.dirs)
+        self.faces = FaceRestorers(self.dirs, device=str(self.cache.device))
 
     @property
     def styles_file(self) -> Path:
@@ -214,15 +219,20 @@ class Engine:
 
     def upscale(self, image: Any, width: int, height: int, upscaler: str) -> Any:
         """Resize an image to exactly ``width`` x ``height`` with a named (non-latent) upscaler."""
-        from PIL import Image
+        from ..upscale.upscalers import upscale
 
-        from ..errors import InvalidRequestError
+        return upscale(image, upscaler, self.upscalers, target=(width, height), device=self.cache.device)
 
-        if upscaler in ("None", "Lanczos"):
-            return image.resize((width, height), Image.LANCZOS)
-        if upscaler == "Nearest":
-            return image.resize((width, height), Image.NEAREST)
-        raise InvalidRequestError(f"hr_upscaler: unknown upscaler {upscaler!r}; use Latent, Lanczos, Nearest or None")
+    def check_upscaler(self, req: GenerationRequest) -> None:
+        """A hires-fix upscaler name must exist before any work starts."""
+        from ..errors import InvalidRequestError, NotFoundError
+        from .txt2img import LATENT_MODES
+
+        if req.enable_hr and (req.hr_upscaler or "Latent") not in LATENT_MODES:
+            try:
+                self.upscalers.find(req.hr_upscaler)
+            except NotFoundError as e:
+                raise InvalidRequestError(f"hr_upscaler: {e}; latent modes: {', '.join(LATENT_MODES)}") from None
 
     def resolve_model(self, req: GenerationRequest) -> CheckpointInfo:
         return self.registry.find_checkpoint(req.model) if req.model else self.registry.default_checkpoint()
@@ -237,6 +247,7 @@ class Engine:
     ) -> SavedResult:
         """Run a txt2img request and save its images (in ``save_to`` or A1111's dated outputs folder)."""
         req = self.apply_styles(req)
+        self.check_upscaler(req)
         if req.outpaints:
             req = outpaint_request(req)
         info = self.resolve_model(req)

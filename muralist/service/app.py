@@ -231,6 +231,7 @@ def create_app(service: Service, auth: AuthConfig | None = None, cors_origins: l
             "loras": [{"name": lo.name, "alias": lo.alias, "hash": lo.shorthash} for lo in service.engine.loras.all()],
             "embeddings": sorted(service.engine.embeddings.all()),
             "loaded": [sha for _p, sha in service.engine.cache.loaded()],
+            "upscalers": [u.name for u in service.engine.upscalers.list()],
         }
 
     @app.get("/api/v1/samplers")

@@ -26,7 +26,7 @@ from .store import Job, JobStatus, LimitError, Store, User
 
 log = logging.getLogger("muralist.service")
 
-JOB_TYPES = ("txt2img", "img2img")
+JOB_TYPES = ("txt2img", "img2img", "extras")
 
 
 @dataclass
@@ -165,6 +165,7 @@ class Service:
 
         samplers.resolve(req.sampler_name, req.scheduler)
         eng = self.engine
+        eng.check_upscaler(req)
         info = eng.resolve_model(req)
         if req.vae:
             eng.registry.find_vae(req.vae)
@@ -173,6 +174,21 @@ class Service:
         return req, info.sha256
 
     def submit(self, user: User, job_type: str, params: dict[str, Any], priority: int = 0, job_id: str | None = None) -> Job:
+        if job_type == "extras":
+            from ..engine.images import decode_image
+            from ..upscale.extras import parse_extras
+
+            ereq = parse_extras(params)
+            for i, data in enumerate(ereq.images):
+                decode_image(data, f"image[{i}]")
+            for name in {ereq.upscaler_1, ereq.upscaler_2}:
+                self.engine.upscalers.find(name)
+            limits = self.settings.limits.merged(user.limits)
+            job = self.store.submit(user.name, job_type, ereq.model_dump(), priority=priority, job_id=job_id,
+                                    max_queued=limits.max_queued)
+            with self._wake:
+                self._wake.notify()
+            return job
         req, model_key = self.validate(user, job_type, params)
         limits = self.settings.limits.merged(user.limits)
         job = self.store.submit(
@@ -239,9 +255,12 @@ class Service:
         try:
             if job.cancel_requested:
                 control.interrupt()
-            req = GenerationRequest.model_validate(job.params)
             out_dir = self.dirs.outputs_dir / job.owner / f"{job.type}-images" / time.strftime("%Y-%m-%d")
-            saved = self.engine.generate(req, control=control, progress=lambda p: self._progress(live, p), save_to=out_dir)
+            if job.type == "extras":
+                saved = self._run_extras(job, out_dir)
+            else:
+                req = GenerationRequest.model_validate(job.params)
+                saved = self.engine.generate(req, control=control, progress=lambda p: self._progress(live, p), save_to=out_dir)
             images = []
             for i, (path, text, seed) in enumerate(zip(saved.paths, saved.result.infotexts, saved.result.seeds, strict=True)):
                 rel = str(Path(path).resolve().relative_to(self.dirs.root))
@@ -286,6 +305,28 @@ class Service:
             except Exception:
                 log.exception("pruning history failed")
             self._stop.wait(3600)
+
+    def _run_extras(self, job: Job, out_dir: Path) -> Any:
+        from types import SimpleNamespace
+
+        from ..engine.engine import next_sequence_number
+        from ..engine.images import decode_image
+        from ..infotext import read_infotext, save_png
+        from ..upscale.extras import ExtrasRequest, run_extras
+
+        req = ExtrasRequest.model_validate(job.params)
+        paths, texts = [], []
+        number = next_sequence_number(out_dir)
+        for i, data in enumerate(req.images):
+            src = decode_image(data, f"image[{i}]")
+            image, info = run_extras(self.engine, req, src)
+            # A1111 keeps the source's generation parameters intact in the PNG; the postprocessing
+            # description is what the API returns (its html_info).
+            previous = read_infotext(src)
+            paths.append(save_png(image, out_dir / f"{number + i:05d}.png", previous or info))
+            texts.append(info)
+        result = SimpleNamespace(infotexts=texts, seeds=[-1] * len(paths), subseeds=[-1] * len(paths), warnings=[])
+        return SimpleNamespace(paths=paths, result=result, model=None)
 
     def _discard(self, paths: list[str]) -> None:
         """Delete the files of images a canceled or failed job no longer keeps."""

@@ -270,7 +270,24 @@ def install(app: FastAPI, service: Service) -> None:
 
     @r.get("/sdapi/v1/upscalers")
     def upscalers(user: User = Depends(current_user)) -> list[dict[str, Any]]:
-        return [{"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4} for n in ("None", "Lanczos", "Nearest")]
+        return [{"name": u.name, "model_name": u.arch, "model_path": str(u.path) if u.path else None, "model_url": None,
+                 "scale": u.scale or 4} for u in service.engine.upscalers.list()]
+
+    @r.get("/sdapi/v1/realesrgan-models")
+    def realesrgan(user: User = Depends(current_user)) -> list[dict[str, Any]]:
+        return [{"name": u.name, "path": str(u.path), "scale": u.scale} for u in service.engine.upscalers.list()
+                if u.path is not None and "RealESRGAN" in u.path.parts]
+
+    @r.get("/sdapi/v1/face-restorers")
+    def face_restorers(user: User = Depends(current_user)) -> list[dict[str, Any]]:
+        out = []
+        for name in ("CodeFormer", "GFPGAN"):
+            try:
+                path = str(service.engine.faces.find(name))
+            except MuralistError:
+                path = None
+            out.append({"name": name, "cmd_dir": path})
+        return out
 
     @r.get("/sdapi/v1/latent-upscale-modes")
     def latent_modes(user: User = Depends(current_user)) -> list[dict[str, str]]:
@@ -283,7 +300,7 @@ def install(app: FastAPI, service: Service) -> None:
         return handler
 
     # Features muralist does not have (yet): A1111's shapes, empty.
-    for path, value in (("face-restorers", []), ("realesrgan-models", []), ("hypernetworks", []), ("script-info", []),
+    for path, value in (("hypernetworks", []), ("script-info", []),
                         ("extensions", []), ("scripts", {"txt2img": [], "img2img": []})):
         r.add_api_route(f"/sdapi/v1/{path}", constant(value), methods=["GET"], name=path)
 
@@ -322,6 +339,30 @@ def install(app: FastAPI, service: Service) -> None:
         if text is None:
             return {"info": "", "items": {}, "parameters": {}}
         return {"info": text, "items": {"parameters": text}, "parameters": parse_infotext(text)}
+
+    async def extras(body: dict[str, Any], user: User) -> tuple[list[str], str]:
+        loop = asyncio.get_running_loop()
+        job = await loop.run_in_executor(None, lambda: service.submit(user, "extras", body))
+        job = await wait_finished(job.id)
+        if job.status is not JobStatus.SUCCEEDED:
+            raise HTTPException(500, job.error or "extras failed")
+        images = []
+        for image_id in (job.result or {}).get("images", []):
+            rec = service.store.get_image(image_id)
+            if rec is not None:
+                images.append(base64.b64encode((service.dirs.root / rec.path).read_bytes()).decode())
+        info = "<br>".join((job.result or {}).get("infotexts", []))
+        return images, f"<p>{info}</p>"
+
+    @r.post("/sdapi/v1/extra-single-image")
+    async def extra_single(body: dict[str, Any] = Body(...), user: User = Depends(current_user)) -> dict[str, Any]:
+        images, html = await extras(body, user)
+        return {"image": images[0] if images else None, "html_info": html}
+
+    @r.post("/sdapi/v1/extra-batch-images")
+    async def extra_batch(body: dict[str, Any] = Body(...), user: User = Depends(current_user)) -> dict[str, Any]:
+        images, html = await extras(body, user)
+        return {"images": images, "html_info": html}
 
     @r.post("/sdapi/v1/interrogate")
     def interrogate(body: dict[str, Any] = Body(...), user: User = Depends(current_user)) -> dict[str, Any]:
