@@ -67,6 +67,9 @@ class GenerationRequest(BaseModel):
     hr_scheduler: str | None = None
     hr_prompt: str = ""
     hr_negative_prompt: str = ""
+    # A1111 scripts: "X/Y/Z plot" and "Prompt matrix", with A1111's positional script_args
+    script_name: str | None = None
+    script_args: list[Any] = Field(default_factory=list)
     model: str | None = Field(None, description="checkpoint title, name or hash; None: the default")
     vae: str | None = Field(None, description="VAE file name; None/'Automatic': the checkpoint's own")
 

@@ -206,3 +206,27 @@ def test_img2img_inpaint_and_hires_through_sdapi(server) -> None:
     hr = c["alice"].post("/sdapi/v1/txt2img", json={**A1111_BODY, "enable_hr": True, "hr_scale": 2, "hr_upscaler": "Latent"})
     assert hr.status_code == 200
     assert Image.open(BytesIO(base64.b64decode(hr.json()["images"][0]))).size == (128, 128)
+
+
+def test_xyz_plot_and_prompt_matrix_through_script_name(server) -> None:
+    from io import BytesIO
+
+    from PIL import Image
+
+    _, _, c = server
+    args = ["Steps", "2,3", "", "Sampler", "Euler,Euler a", "", "Nothing", "", "", True, False, False, False]
+    r = c["alice"].post("/sdapi/v1/txt2img", json={**A1111_BODY, "script_name": "x/y/z plot", "script_args": args})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["images"]) == 5  # the grid first, then the four cells
+    grid = Image.open(BytesIO(base64.b64decode(body["images"][0])))
+    assert grid.width > 2 * 64 and grid.height > 2 * 64  # cells plus label margins
+    cells = [parse_infotext(t) for t in json.loads(body["info"])["infotexts"][1:]]
+    assert [(p["Steps"], p["Sampler"]) for p in cells] == [("2", "Euler"), ("3", "Euler"), ("2", "Euler a"), ("3", "Euler a")]
+    bad = c["alice"].post("/sdapi/v1/txt2img", json={**A1111_BODY, "script_name": "x/y/z plot", "script_args": ["Sampler", "Eulr", "", "Nothing", "", "", "Nothing", "", ""]})
+    assert bad.status_code == 422 and "Eulr" in bad.json()["detail"]
+    m = c["alice"].post("/sdapi/v1/txt2img", json={**A1111_BODY, "prompt": "a cat|red|hat", "script_name": "prompt matrix"})
+    assert m.status_code == 200 and len(m.json()["images"]) == 5
+    prompts = [i.split("\n")[0] for i in json.loads(m.json()["info"])["infotexts"][1:]]
+    assert prompts == ["a cat", "a cat, red", "a cat, hat", "a cat, red, hat"]
+    assert c["alice"].post("/sdapi/v1/txt2img", json={**A1111_BODY, "script_name": "outpainting mk2"}).status_code == 422

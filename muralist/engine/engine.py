@@ -223,6 +223,43 @@ class Engine:
 
         return upscale(image, upscaler, self.upscalers, target=(width, height), device=self.cache.device)
 
+    def script(self, req: GenerationRequest) -> tuple[str, Any]:
+        """The request's A1111 script ("xyz" with its validated spec, or "matrix"), checked before any work."""
+        from ..errors import InvalidRequestError
+        from ..scripts.grids import plan_xyz, xyz_from_script_args
+
+        name = (req.script_name or "").strip().lower()
+        base = req.model_copy(update={"script_name": None, "script_args": [], "styles": []})
+        if name in ("x/y/z plot", "xyz plot", "x/y/z", "xyz", "x/y plot"):
+            spec = xyz_from_script_args(req.script_args, img2img=bool(req.init_images))
+            plan_xyz(self, base, spec)
+            return "xyz", spec
+        if name == "prompt matrix":
+            if "|" not in req.prompt:
+                raise InvalidRequestError("prompt: the prompt matrix needs parts separated by | (e.g. 'a cat|red|hat')")
+            return "matrix", None
+        raise InvalidRequestError(f"script_name: {req.script_name!r} is not available; muralist has 'X/Y/Z plot' and 'Prompt matrix'")
+
+    def run_script(self, req: GenerationRequest, control: JobControl | None, progress: ProgressFn | None,
+                   save_to: Path | None) -> SavedResult:
+        """Run an A1111 script; the grids come first in the result, then the individual images (A1111)."""
+        from ..scripts.grids import run_prompt_matrix, run_xyz
+
+        kind, spec = self.script(req)
+        base = req.model_copy(update={"script_name": None, "script_args": [], "styles": []})
+        folder = save_to or self.dirs.outputs_dir / ("img2img-images" if req.init_images else "txt2img-images") / date.today().isoformat()
+        if kind == "xyz":
+            out = run_xyz(self, base, spec, control, progress, save_to=folder, grid_dir=folder)
+        else:
+            args = list(req.script_args) + [False, False]
+            out = run_prompt_matrix(self, base, save_to=folder, control=control, progress=progress,
+                                    put_at_start=bool(args[0]), different_seeds=bool(args[1]), grid_dir=folder)
+        choice_sampler = base.sampler_name or "Euler"
+        result = GenerationResult(list(out.grids) + list(out.images), list(out.grid_infotexts) + list(out.infotexts),
+                                  [out.seeds[0] if out.seeds else -1] * len(out.grids) + list(out.seeds),
+                                  [-1] * (len(out.grids) + len(out.images)), choice_sampler, "", list(out.warnings))
+        return SavedResult(result, list(out.grid_paths) + list(out.paths), self.resolve_model(base), None)
+
     def check_upscaler(self, req: GenerationRequest) -> None:
         """A hires-fix upscaler name must exist before any work starts."""
         from ..errors import InvalidRequestError, NotFoundError
@@ -247,6 +284,8 @@ class Engine:
     ) -> SavedResult:
         """Run a txt2img request and save its images (in ``save_to`` or A1111's dated outputs folder)."""
         req = self.apply_styles(req)
+        if req.script_name:
+            return self.run_script(req, control, progress, save_to)
         self.check_upscaler(req)
         if req.outpaints:
             req = outpaint_request(req)

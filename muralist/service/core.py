@@ -166,6 +166,8 @@ class Service:
         samplers.resolve(req.sampler_name, req.scheduler)
         eng = self.engine
         eng.check_upscaler(req)
+        if req.script_name:
+            eng.script(req)  # every axis value is checked now, not when the job runs
         info = eng.resolve_model(req)
         if req.vae:
             eng.registry.find_vae(req.vae)

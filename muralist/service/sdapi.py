@@ -34,7 +34,7 @@ def a1111_params(body: dict[str, Any]) -> dict[str, Any]:
     """An A1111 txt2img body -> our request fields (unknown fields are ignored, as A1111 does)."""
     params = {k: v for k, v in A1111_DEFAULTS.items()}
     for k, v in body.items():
-        if v is not None and k not in ("override_settings", "sampler_index", "alwayson_scripts", "script_args"):
+        if v is not None and k not in ("override_settings", "sampler_index", "alwayson_scripts"):
             params[k] = v
     if not body.get("sampler_name") and body.get("sampler_index"):
         params["sampler_name"] = body["sampler_index"]
@@ -301,7 +301,7 @@ def install(app: FastAPI, service: Service) -> None:
 
     # Features muralist does not have (yet): A1111's shapes, empty.
     for path, value in (("hypernetworks", []), ("script-info", []),
-                        ("extensions", []), ("scripts", {"txt2img": [], "img2img": []})):
+                        ("extensions", []), ("scripts", {"txt2img": ["x/y/z plot", "prompt matrix"], "img2img": ["x/y/z plot", "prompt matrix"]})):
         r.add_api_route(f"/sdapi/v1/{path}", constant(value), methods=["GET"], name=path)
 
     @r.get("/sdapi/v1/cmd-flags")
