@@ -135,3 +135,25 @@ def test_outpainting_extends_the_canvas_and_keeps_the_original(engine, tmp_path:
     canvas, mask = outpaint_canvas(src, 32, 0, 0, 14, 4)
     assert canvas.size == mask.size == (96, 64)
     assert np.abs(arr[:, :24] - pixels(canvas)[:, :24]).mean() > 1  # the new area was generated, not just filled
+
+
+def test_tile_layout_covers_the_image_with_overlap() -> None:
+    from muralist.scripts.sd_upscale import blend_weights, tile_starts
+
+    assert tile_starts(128, 64, 16) == [0, 48, 64]
+    assert tile_starts(64, 64, 16) == [0]
+    w = blend_weights(8, 8, 4, left=True, top=False)
+    assert w[0, 0] < w[0, 3] < 1 and w[0, 4] == 1 and w[7, 7] == 1
+
+
+def test_sd_upscale_script(engine, tmp_path: Path) -> None:
+    src = source(64, 48)
+    saved = gen(engine, tmp_path, init_images=[b64(src)], script_name="SD upscale", script_args=["", 16, "Lanczos", 2.0],
+                denoising_strength=0.3, steps=4)
+    out = saved.result.images[0]
+    assert out.size == (128, 96)  # A1111's upscale rule, then tiled img2img at 64x64
+    plain = src.resize((128, 96), Image.LANCZOS)
+    assert np.abs(pixels(out) - pixels(plain)).mean() > 1  # re-detailed, not just resized
+    assert "SD upscale upscaler: Lanczos" in saved.result.infotexts[0]
+    with pytest.raises(InvalidRequestError, match="SD upscale"):
+        gen(engine, tmp_path, script_name="SD upscale", script_args=["", 16, "Lanczos", 2.0])

@@ -234,11 +234,20 @@ class Engine:
             spec = xyz_from_script_args(req.script_args, img2img=bool(req.init_images))
             plan_xyz(self, base, spec)
             return "xyz", spec
+        if name == "sd upscale":
+            if not req.init_images:
+                raise InvalidRequestError("init_images: SD upscale is an img2img script: send the image to upscale")
+            args = list(req.script_args) + [None] * 4
+            upscaler = args[2] if isinstance(args[2], str) else "Lanczos"
+            self.upscalers.find(upscaler)
+            return "sd_upscale", (int(args[1] if args[1] is not None else 64), upscaler, float(args[3] if args[3] is not None else 2.0))
         if name == "prompt matrix":
             if "|" not in req.prompt:
                 raise InvalidRequestError("prompt: the prompt matrix needs parts separated by | (e.g. 'a cat|red|hat')")
             return "matrix", None
-        raise InvalidRequestError(f"script_name: {req.script_name!r} is not available; muralist has 'X/Y/Z plot' and 'Prompt matrix'")
+        raise InvalidRequestError(
+            f"script_name: {req.script_name!r} is not available; muralist has 'X/Y/Z plot', 'Prompt matrix' and 'SD upscale'"
+        )
 
     def run_script(self, req: GenerationRequest, control: JobControl | None, progress: ProgressFn | None,
                    save_to: Path | None) -> SavedResult:
@@ -248,6 +257,17 @@ class Engine:
         kind, spec = self.script(req)
         base = req.model_copy(update={"script_name": None, "script_args": [], "styles": []})
         folder = save_to or self.dirs.outputs_dir / ("img2img-images" if req.init_images else "txt2img-images") / date.today().isoformat()
+        if kind == "sd_upscale":
+            from ..infotext import save_png
+            from ..scripts.sd_upscale import sd_upscale
+
+            overlap, upscaler, scale = spec
+            image, texts = sd_upscale(self, base, overlap, upscaler, scale, control, progress, folder)
+            text = texts[0] + f", SD upscale overlap: {overlap}, SD upscale upscaler: {upscaler}" if texts else ""
+            path = save_png(image, folder / f"{next_sequence_number(folder):05d}-upscaled.png", text)
+            seed = base.seed
+            result = GenerationResult([image], [text], [seed], [-1], base.sampler_name or "Euler", "")
+            return SavedResult(result, [path], self.resolve_model(base), None)
         if kind == "xyz":
             out = run_xyz(self, base, spec, control, progress, save_to=folder, grid_dir=folder)
         else:
@@ -282,7 +302,8 @@ class Engine:
         save_to: Path | None = None,
         on_saved: Callable[[Path], None] | None = None,
     ) -> SavedResult:
-        """Run a txt2img request and save its images (in ``save_to`` or A1111's dated outputs folder)."""
+        """Run a request (txt2img, img2img, inpainting, outpainting or a script) and save its images
+        (in ``save_to`` or A1111's dated outputs folder)."""
         req = self.apply_styles(req)
         if req.script_name:
             return self.run_script(req, control, progress, save_to)
