@@ -301,7 +301,7 @@ def install(app: FastAPI, service: Service) -> None:
 
     # Features muralist does not have (yet): A1111's shapes, empty.
     for path, value in (("hypernetworks", []), ("script-info", []),
-                        ("extensions", []), ("scripts", {"txt2img": ["x/y/z plot", "prompt matrix"], "img2img": ["x/y/z plot", "prompt matrix"]})):
+                        ("extensions", []), ("scripts", {"txt2img": ["x/y/z plot", "prompt matrix"], "img2img": ["x/y/z plot", "prompt matrix", "sd upscale"]})):
         r.add_api_route(f"/sdapi/v1/{path}", constant(value), methods=["GET"], name=path)
 
     @r.get("/sdapi/v1/cmd-flags")
