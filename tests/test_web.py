@@ -121,3 +121,34 @@ def test_page_weight_is_small_and_served_locally(site) -> None:
     assert "http://" not in html and "https://" not in html  # nothing from a CDN
     total = sum(len(httpx.get(url + p).content) for p in ("/", "/ui/app.js", "/ui/style.css", "/ui/i18n/en.json"))
     assert total < 60_000
+
+
+def test_paint_a_mask_and_inpaint(site, browser, tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    url, service, keys = site
+    src = Image.fromarray(np.random.default_rng(5).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    src.save(tmp_path / "src.png")
+    page = signed_in(browser, url, keys["alice"])
+    small_job(page, "a round window")
+    page.set_input_files("#init-file", str(tmp_path / "src.png"))
+    page.wait_for_selector("#mask-canvas", state="visible")
+    page.fill("#mask_blur", "0")
+    page.select_option("#inpaint_full_res", "0")
+    box = page.locator("#mask-canvas").bounding_box()
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(cx - 10, cy)
+    page.mouse.down()
+    page.mouse.move(cx + 10, cy, steps=5)
+    page.mouse.up()
+    shot(page, "inpaint-mask")
+    page.click("#generate")
+    page.wait_for_selector(".job[data-status=succeeded] img", timeout=60000)
+    caption = page.locator(".job[data-status=succeeded] .infotext").first.inner_text()
+    assert "Masked content: original" in caption and "Mask blur: 0" in caption
+    job = service.store.list_jobs("alice", limit=1)[0]
+    assert job.type == "img2img"
+    out = np.asarray(Image.open(service.dirs.root / service.store.get_image(job.result["images"][0]).path).convert("RGB"))
+    assert np.array_equal(out[:8], np.asarray(src)[:8])  # far from the painted stroke: untouched
+    assert not np.array_equal(out[28:36, 24:40], np.asarray(src)[28:36, 24:40])  # the stroke was repainted

@@ -86,9 +86,55 @@ function countTokens() {
   }, 250);
 }
 
+// ---------------------------------------------------------------- img2img image and mask painting
+
+const paint = { loaded: false, painted: false, drawing: false };
+
+function loadInitImage(file) {
+  const reader = new FileReader();
+  reader.onload = () => {
+    const img = new Image();
+    img.onload = () => {
+      for (const c of [$("init-canvas"), $("mask-canvas")]) { c.width = img.naturalWidth; c.height = img.naturalHeight; }
+      $("init-canvas").getContext("2d").drawImage(img, 0, 0);
+      clearMask();
+      paint.loaded = true;
+      $("canvas-wrap").hidden = false;
+      $("mask-tools").hidden = false;
+    };
+    img.src = reader.result;
+  };
+  reader.readAsDataURL(file);
+}
+
+function clearMask() {
+  const ctx = $("mask-canvas").getContext("2d");
+  ctx.fillStyle = "black";
+  ctx.fillRect(0, 0, $("mask-canvas").width, $("mask-canvas").height);
+  paint.painted = false;
+}
+
+function paintAt(ev) {
+  const c = $("mask-canvas");
+  const r = c.getBoundingClientRect();
+  const sx = c.width / r.width, sy = c.height / r.height;
+  const ctx = c.getContext("2d");
+  ctx.fillStyle = "white";
+  ctx.beginPath();
+  ctx.arc((ev.clientX - r.left) * sx, (ev.clientY - r.top) * sy, (Number($("brush").value) / 2) * sx, 0, 2 * Math.PI);
+  ctx.fill();
+  paint.painted = true;
+}
+
 function formParams() {
   const num = (id) => Number($(id).value);
+  const img2img = paint.loaded ? {
+    init_images: [$("init-canvas").toDataURL("image/png")], denoising_strength: num("denoising_strength"),
+    ...(paint.painted ? { mask: $("mask-canvas").toDataURL("image/png"), mask_blur: num("mask_blur"),
+                          inpainting_fill: num("inpainting_fill"), inpaint_full_res: $("inpaint_full_res").value === "1" } : {}),
+  } : {};
   return {
+    ...img2img,
     prompt: $("prompt").value, negative_prompt: $("negative_prompt").value, model: $("model").value,
     sampler_name: $("sampler_name").value, scheduler: $("scheduler").value, steps: num("steps"), cfg_scale: num("cfg_scale"),
     width: num("width"), height: num("height"), seed: num("seed"), n_iter: num("n_iter"), batch_size: num("batch_size"),
@@ -100,7 +146,7 @@ async function generate(ev) {
   showError("");
   try {
     const job = await api("/api/v1/jobs", { method: "POST", headers: { "Content-Type": "application/json" },
-                                            body: JSON.stringify({ type: "txt2img", params: formParams() }) });
+                                            body: JSON.stringify({ type: paint.loaded ? "img2img" : "txt2img", params: formParams() }) });
     const view = { id: job.id, status: job.status, position: job.position, step: 0, steps: 0, eta: null, images: [], infotexts: [] };
     state.jobs.set(job.id, view);
     renderJob(view);
@@ -297,6 +343,13 @@ async function start() {
   $("prompt").addEventListener("input", countTokens);
   $("swap").onclick = () => { const w = $("width").value; $("width").value = $("height").value; $("height").value = w; };
   $("seed-random").onclick = () => { $("seed").value = -1; };
+  $("init-file").onchange = () => { if ($("init-file").files[0]) loadInitImage($("init-file").files[0]); };
+  $("init-clear").onclick = () => { paint.loaded = false; $("init-file").value = ""; $("canvas-wrap").hidden = true; $("mask-tools").hidden = true; };
+  $("mask-clear").onclick = clearMask;
+  const mask = $("mask-canvas");
+  mask.addEventListener("pointerdown", (ev) => { paint.drawing = true; mask.setPointerCapture(ev.pointerId); paintAt(ev); });
+  mask.addEventListener("pointermove", (ev) => { if (paint.drawing) paintAt(ev); });
+  mask.addEventListener("pointerup", () => { paint.drawing = false; });
   $("seed-reuse").onclick = () => { if (state.lastSeed != null) $("seed").value = state.lastSeed; };
   const me = await refreshAccount();
   if (me) await fillChoices(me).catch((e) => showError(e.message));
