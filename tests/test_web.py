@@ -152,3 +152,37 @@ def test_paint_a_mask_and_inpaint(site, browser, tmp_path: Path) -> None:
     out = np.asarray(Image.open(service.dirs.root / service.store.get_image(job.result["images"][0]).path).convert("RGB"))
     assert np.array_equal(out[:8], np.asarray(src)[:8])  # far from the painted stroke: untouched
     assert not np.array_equal(out[28:36, 24:40], np.asarray(src)[28:36, 24:40])  # the stroke was repainted
+
+
+def test_models_cards_insert_a_lora_and_settings_become_my_defaults(site, browser) -> None:
+    from safetensors.torch import save_file
+
+    from tests.test_extra_networks import make_lora
+
+    url, service, keys = site
+    lora_dir = service.dirs.lora_dir
+    lora_dir.mkdir(parents=True, exist_ok=True)
+    save_file(make_lora(1), str(lora_dir / "inkstyle.safetensors"))
+    from PIL import Image
+
+    Image.new("RGB", (16, 16), "orange").save(lora_dir / "inkstyle.preview.png")
+    service.engine.loras.refresh()
+    page = signed_in(browser, url, keys["bob"])
+    page.fill("#prompt", "a cat")
+    page.click("[data-tab=models]")
+    page.wait_for_selector(".card-lora")
+    page.wait_for_function("document.querySelector('.card-lora img').naturalWidth === 16")  # its preview
+    shot(page, "models")
+    page.click(".card-lora")
+    assert page.input_value("#prompt") == "a cat <lora:inkstyle:1>"
+    page.click("[data-tab=settings]")
+    page.wait_for_function("document.querySelector('#set-model').options.length > 1")
+    other = page.eval_on_selector("#set-model", "s => [...s.options].map(o => o.value).find(v => v !== s.value)")
+    page.select_option("#set-model", other)
+    page.fill("#set-steps", "7")
+    page.click("#settings button[type=submit]")
+    page.wait_for_function("document.querySelector('#settings-saved').textContent !== ''")
+    shot(page, "settings")
+    user = service.store.get_user("bob")
+    assert user.options["model"] == other and user.options["steps"] == 7
+    assert service.store.get_user("alice").options.get("steps") != 7  # only bob's defaults changed

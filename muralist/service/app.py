@@ -234,6 +234,24 @@ def create_app(service: Service, auth: AuthConfig | None = None, cors_origins: l
             "upscalers": [u.name for u in service.engine.upscalers.list()],
         }
 
+    @app.get("/api/v1/models/preview")
+    def model_preview(kind: str, name: str, user: User = Depends(current_user)) -> FileResponse:
+        """A1111's card preview: ``<file stem>.preview.png`` next to the model file."""
+        eng = service.engine
+        path = None
+        if kind == "checkpoint":
+            path = eng.registry.find_checkpoint(name).path
+        elif kind == "lora":
+            info = eng.loras.find(name)
+            path = info.path if info else None
+        elif kind == "embedding":
+            emb = eng.embeddings.all().get(name)
+            path = emb.path if emb else None
+        preview = path.with_name(path.name.rsplit(".", 1)[0] + ".preview.png") if path else None
+        if preview is None or not preview.is_file():
+            raise HTTPException(404, f"no preview for {kind} {name!r}")
+        return FileResponse(preview, media_type="image/png")
+
     @app.get("/api/v1/samplers")
     def samplers_list() -> dict[str, Any]:
         from ..engine import samplers

@@ -316,11 +316,77 @@ async function showHistory() {
   }
 }
 
+async function previewURL(kind, name) {
+  const r = await fetch(`/api/v1/models/preview?kind=${kind}&name=${encodeURIComponent(name)}`, { headers: headers() });
+  return r.ok ? URL.createObjectURL(await r.blob()) : null;
+}
+
+async function showModels() {
+  const m = await api("/api/v1/models");
+  const groups = {
+    checkpoint: m.checkpoints.map((c) => ({ label: c.title, name: c.title, sub: c.family, insert: null })),
+    lora: m.loras.map((l) => ({ label: l.alias || l.name, name: l.name, sub: l.hash, insert: `<lora:${l.name}:1>` })),
+    embedding: m.embeddings.map((e) => ({ label: e, name: e, sub: "", insert: e })),
+  };
+  for (const [kind, items] of Object.entries(groups)) {
+    const box = $(`cards-${kind}`);
+    box.innerHTML = "";
+    for (const it of items) {
+      const card = document.createElement("button");
+      card.type = "button";
+      card.className = `card card-${kind}`;
+      card.title = it.insert ? t("models.insert") : it.label;
+      const img = new Image();
+      img.alt = "";
+      previewURL(kind, it.name).then((u) => { if (u) img.src = u; });
+      const label = document.createElement("div");
+      label.textContent = it.label;
+      const sub = document.createElement("small");
+      sub.textContent = it.sub;
+      card.append(img, label, sub);
+      card.onclick = () => {
+        if (kind === "checkpoint") { $("model").value = it.name; }
+        else { const p = $("prompt"); p.value = (p.value ? `${p.value} ` : "") + it.insert; countTokens(); }
+        selectTab("txt2img");
+      };
+      box.append(card);
+    }
+  }
+}
+
+async function showSettings() {
+  const [me, m, samplers] = await Promise.all([api("/api/v1/me"), api("/api/v1/models"), api("/api/v1/samplers")]);
+  const o = me.options || {};
+  const fill = (sel, values, current) => { sel.innerHTML = ""; for (const [v, l] of values) sel.add(new Option(l, v, false, v === current)); };
+  fill($("set-model"), m.checkpoints.map((c) => [c.title, c.title]), o.model || $("model").value);
+  fill($("set-sampler_name"), samplers.samplers.map((s) => [s, s]), o.sampler_name || "Euler a");
+  fill($("set-vae"), [["", t("settings.automatic")], ...m.vaes.map((v) => [v.name, v.name])], o.vae || "");
+  $("set-steps").value = o.steps || 20;
+  $("set-cfg_scale").value = o.cfg_scale || 7;
+  $("set-clip_skip").value = o.clip_skip || 1;
+}
+
+async function saveSettings(ev) {
+  ev.preventDefault();
+  const body = { model: $("set-model").value, sampler_name: $("set-sampler_name").value, steps: Number($("set-steps").value),
+                 cfg_scale: Number($("set-cfg_scale").value), clip_skip: Number($("set-clip_skip").value), vae: $("set-vae").value || null };
+  try {
+    await api("/api/v1/me/options", { method: "PUT", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+    $("settings-saved").textContent = t("settings.saved");
+    const me = await api("/api/v1/me");
+    await fillChoices(me);
+    $("steps").value = body.steps;
+    $("cfg_scale").value = body.cfg_scale;
+  } catch (e) { showError(e.message); }
+}
+
 function selectTab(name) {
   document.querySelectorAll("[role=tab]").forEach((b) => b.setAttribute("aria-selected", String(b.dataset.tab === name)));
   document.querySelectorAll(".tab").forEach((s) => { s.hidden = s.id !== `tab-${name}`; });
   if (name === "queue") showQueue().catch((e) => showError(e.message));
   if (name === "history") showHistory().catch((e) => showError(e.message));
+  if (name === "models") showModels().catch((e) => showError(e.message));
+  if (name === "settings") showSettings().catch((e) => showError(e.message));
 }
 
 // ---------------------------------------------------------------- wiring
@@ -339,6 +405,7 @@ async function start() {
   $("signout").onclick = () => { state.key = ""; localStorage.removeItem("muralist.key"); location.reload(); };
   document.querySelectorAll("[role=tab]").forEach((b) => { b.onclick = () => selectTab(b.dataset.tab); });
   $("gen").onsubmit = generate;
+  $("settings").onsubmit = saveSettings;
   $("prompt").addEventListener("keydown", (ev) => { if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) generate(ev); });
   $("prompt").addEventListener("input", countTokens);
   $("swap").onclick = () => { const w = $("width").value; $("width").value = $("height").value; $("height").value = w; };
