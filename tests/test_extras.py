@@ -37,6 +37,7 @@ def test_extras_and_model_upscalers(a1111_models: Path, tmp_path: Path) -> None:
         c = httpx.Client(base_url=url, timeout=120)
         names = [u["name"] for u in c.get("/sdapi/v1/upscalers").json()]
         assert names[:3] == ["None", "Lanczos", "Nearest"] and "tiny-esrgan" in names
+        # CodeFormer weights are installed, GFPGAN's are not.
         assert {f["name"]: bool(f["cmd_dir"]) for f in c.get("/sdapi/v1/face-restorers").json()} == {"CodeFormer": True, "GFPGAN": False}
 
         r = c.post("/sdapi/v1/extra-single-image", json={"image": b64(picture()), "upscaling_resize": 2, "upscaler_1": "tiny-esrgan",

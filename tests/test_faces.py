@@ -1,4 +1,4 @@
-"""Face restoration: tiny random CodeFormer models in the released key layout, read from A1111 folders."""
+"""Face restoration: tiny random CodeFormer/GFPGAN models in the released key layouts, in A1111 folders."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from PIL import Image
 
 from muralist.errors import InvalidRequestError, ModelFileError, MuralistError
 from muralist.upscale import faces
-from muralist.upscale.faces import CodeFormer, FaceRestorers, face_crop_box, restore_boxes
+from muralist.upscale.faces import CodeFormer, FaceRestorers, GFPGANv1Clean, face_crop_box, restore_boxes
 
 
 def tiny_codeformer() -> CodeFormer:
@@ -157,16 +157,117 @@ def test_detector_finds_nothing_in_noise() -> None:
     assert faces.detect_faces(Image.new("RGB", (64, 64), (10, 10, 10))) == []
 
 
-def test_gfpgan_is_refused_clearly(tmp_path: Path) -> None:
+def tiny_gfpgan(**overrides: object) -> GFPGANv1Clean:
+    # 64x64 faces in the released layout (different_w, half SFT, stored noise); narrow 1/32 keeps
+    # it tiny while the 64x64 level still exercises the channel multiplier.
+    torch.manual_seed(0)
+    kwargs: dict = dict(out_size=64, num_style_feat=16, channel_multiplier=1, num_mlp=2, narrow=1 / 32)
+    model = GFPGANv1Clean(**(kwargs | overrides))
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            t.add_(torch.randn_like(t) * 0.1)  # noise maps start at zero; fill them too
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def gfp_state() -> dict[str, torch.Tensor]:
+    return tiny_gfpgan().state_dict()
+
+
+@pytest.fixture()
+def gfp_dir(tmp_path: Path, gfp_state: dict[str, torch.Tensor]) -> Path:
     folder = tmp_path / "models" / "GFPGAN"
     folder.mkdir(parents=True)
-    sd = {
+    torch.save({"params_ema": gfp_state}, folder / "GFPGANv1.4.pth")
+    return tmp_path
+
+
+def test_gfpgan_real_layout() -> None:
+    with torch.device("meta"):
+        real = GFPGANv1Clean()  # GFPGANer's v1.3/1.4 configuration
+        rebuilt = GFPGANv1Clean.from_state_dict(real.state_dict())
+    sd = real.state_dict()
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    assert {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()} == shapes
+    assert (rebuilt.img_size, rebuilt.different_w, rebuilt.stylegan_decoder.sft_half) == (512, True, True)
+    # Sizes that follow from the original's tables: 16 style vectors of 512 from a 256x4x4 code,
+    # a U-Net half as wide as the decoder, half SFT, 8 MLP layers and 15 stored noise maps.
+    assert shapes["conv_body_first.weight"] == (32, 3, 1, 1)
+    assert shapes["final_conv.weight"] == (256, 256, 3, 3)
+    assert shapes["final_linear.weight"] == (16 * 512, 256 * 16)
+    assert shapes["condition_scale.6.2.weight"] == (32, 32, 3, 3)
+    assert (
+        shapes["conv_body_down.6.skip.weight"] == (256, 256, 1, 1)
+        and "conv_body_down.7.skip.weight" not in sd
+    )
+    assert shapes["stylegan_decoder.style_convs.13.modulated_conv.weight"] == (1, 64, 64, 3, 3)
+    assert shapes["stylegan_decoder.to_rgbs.6.modulated_conv.modulation.weight"] == (64, 512)
+    assert shapes["stylegan_decoder.style_mlp.15.weight"] == (512, 512)
+    assert shapes["stylegan_decoder.noises.noise14"] == (1, 1, 512, 512)
+    assert shapes["stylegan_decoder.constant_input.weight"] == (1, 512, 4, 4)
+    assert shapes["toRGB.6.weight"] == (3, 32, 1, 1)
+    assert len(sd) == 285
+    # ~87.1M stored floats: 348.6 MB in fp32, the size of the released GFPGANv1.4.pth.
+    assert sum(v.numel() for v in sd.values()) == 87_143_276
+    assert faces.detect_architecture(sd) == "GFPGAN"
+
+
+def test_gfpgan_from_state_dict_infers_variants() -> None:
+    for overrides in ({}, {"sft_half": False}, {"different_w": False}, {"channel_multiplier": 2}):
+        sd = tiny_gfpgan(**overrides).state_dict()
+        net = faces.build_face_model(sd)
+        assert isinstance(net, GFPGANv1Clean)
+        assert all(torch.equal(net.state_dict()[k], v) for k, v in sd.items())
+        x = torch.rand(2, 3, 64, 64) * 2 - 1
+        with torch.no_grad():
+            image, rgbs = net(x, return_rgb=False, weight=0.5)  # A1111's call; weight is ignored
+            again, _ = net(x)
+            noisy, _ = net(x, randomize_noise=True)
+        assert image.shape == x.shape and rgbs == []
+        assert torch.equal(image, again)  # stored noise: reproducible
+        assert not torch.equal(image, noisy)
+
+
+def test_gfpgan_detected_loaded_and_restores(gfp_dir: Path, gfp_state: dict[str, torch.Tensor]) -> None:
+    restorers = FaceRestorers(gfp_dir)
+    path = restorers.find("gfpgan")
+    assert path == gfp_dir / "models" / "GFPGAN" / "GFPGANv1.4.pth"
+    assert faces.detect_architecture(faces.load_face_state_dict(path)) == "GFPGAN"
+    net = restorers.load("GFPGAN")
+    assert isinstance(net, GFPGANv1Clean) and net.img_size == 64
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in gfp_state.items())
+    assert restorers.load("GFPGAN") is net
+
+    image = face_image()
+    box = (40, 30, 70, 60)
+    out = restore_boxes(image, [box], net, visibility=1.0)
+    src, dst = np.asarray(image), np.asarray(out)
+    x0, y0, x1, y1 = face_crop_box(box)
+    outside = np.ones(src.shape[:2], bool)
+    outside[max(y0, 0) : y1, max(x0, 0) : x1] = False
+    assert np.array_equal(src[outside], dst[outside])
+    assert not np.array_equal(src[~outside], dst[~outside])
+    assert np.array_equal(np.asarray(restore_boxes(image, [box], net)), dst)  # deterministic
+    assert np.array_equal(np.asarray(restore_boxes(image, [box], net, visibility=0.0)), src)
+    assert np.array_equal(np.asarray(restorers.restore(image, "GFPGAN", visibility=0.0)), src)
+    blank = Image.new("RGB", (120, 80), (90, 140, 200))  # no face: unchanged through restore()
+    assert np.array_equal(np.asarray(restorers.restore(blank, "GFPGAN")), np.asarray(blank))
+
+
+def test_gfpgan_bad_files(tmp_path: Path, gfp_state: dict[str, torch.Tensor]) -> None:
+    folder = tmp_path / "models" / "GFPGAN"
+    folder.mkdir(parents=True)
+    partial = {k: v for k, v in gfp_state.items() if not k.startswith("condition_shift.")}
+    torch.save({"params_ema": partial}, folder / "GFPGANv1.4.pth")
+    with pytest.raises(ModelFileError, match="lack"):
+        FaceRestorers(tmp_path).load("GFPGAN")
+    stub = {
         "conv_body_first.weight": torch.zeros(4, 3, 1, 1),
         "stylegan_decoder.constant_input.weight": torch.zeros(1, 4, 4, 4),
     }
-    torch.save({"params_ema": sd}, folder / "GFPGANv1.4.pth")
-    assert faces.detect_architecture(faces.load_face_state_dict(folder / "GFPGANv1.4.pth")) == "GFPGAN"
-    with pytest.raises(MuralistError, match="not supported yet"):
-        FaceRestorers(tmp_path).restore(face_image(), "GFPGAN")
-    with pytest.raises(ModelFileError, match="not supported yet"):
-        faces.build_face_model(sd)
+    with pytest.raises(ModelFileError, match="not recognised"):
+        faces.build_face_model(stub)
+    # CodeFormer weights in the GFPGAN folder are named as such.
+    torch.save({"params_ema": tiny_codeformer().state_dict()}, folder / "GFPGANv1.4.pth")
+    with pytest.raises(ModelFileError, match="CodeFormer weights, not GFPGAN"):
+        FaceRestorers(tmp_path).load("GFPGAN")

@@ -186,3 +186,67 @@ def test_models_cards_insert_a_lora_and_settings_become_my_defaults(site, browse
     user = service.store.get_user("bob")
     assert user.options["model"] == other and user.options["steps"] == 7
     assert service.store.get_user("alice").options.get("steps") != 7  # only bob's defaults changed
+
+
+def test_png_info_sends_settings_to_txt2img_and_extras_upscales(site, browser, tmp_path: Path) -> None:
+    url, service, keys = site
+    page = signed_in(browser, url, keys["alice"])
+    small_job(page, "a blue boat, calm sea")
+    page.click("#generate")
+    page.wait_for_selector(".job[data-status=succeeded] img", timeout=60000)
+    job = service.store.list_jobs("alice", limit=1)[0]
+    png = service.dirs.root / service.store.get_image(job.result["images"][0]).path
+    page.fill("#prompt", "something else")
+    page.click("[data-tab=extras]")
+    page.set_input_files("#pnginfo-file", str(png))
+    page.wait_for_selector("#pnginfo-send", state="visible")
+    assert page.inner_text("#pnginfo-text").startswith("a blue boat, calm sea")
+    page.click("#pnginfo-send")
+    assert page.input_value("#prompt") == "a blue boat, calm sea" and page.input_value("#seed") == "7"
+    page.click("[data-tab=extras]")
+    page.set_input_files("#extras-file", str(png))
+    page.select_option("#extras-upscaler", "Lanczos")
+    page.click("#extras-form button[type=submit]")
+    page.wait_for_selector("#extras-out img", timeout=60000)
+    page.wait_for_function("document.querySelector('#extras-out img').naturalWidth === 128")
+    assert "Postprocess upscale by: 2" in page.inner_text("#extras-out pre")
+    shot(page, "extras")
+
+
+def test_history_delete_and_hires_from_the_form(site, browser) -> None:
+    url, service, keys = site
+    page = signed_in(browser, url, keys["bob"])
+    small_job(page, "a tall tower")
+    page.check("#enable_hr")
+    page.fill("#hr_scale", "1.5")
+    page.click("#generate")
+    page.wait_for_selector(".job[data-status=succeeded] img", timeout=60000)
+    assert "Hires upscale: 1.5" in page.locator(".job[data-status=succeeded] .infotext").first.inner_text()
+    assert page.eval_on_selector(".job[data-status=succeeded] img", "img => img.naturalWidth") == 96
+    page.uncheck("#enable_hr")
+    page.click("[data-tab=history]")
+    page.wait_for_selector(".history-item")
+    before = len(service.store.list_images("bob"))
+    page.locator(".history-item .history-delete").first.click()
+    page.wait_for_function(f"document.querySelectorAll('.history-item').length === {before - 1}")
+    assert len(service.store.list_images("bob")) == before - 1
+
+
+def test_admin_page_manages_users_only_for_admins(site, browser) -> None:
+    import httpx
+
+    url, service, keys = site
+    root_key = service.store.add_user("root", admin=True)
+    bob = signed_in(browser, url, keys["bob"])
+    assert bob.locator("#admin-tab").is_hidden()
+    assert httpx.get(url + "/api/v1/admin/users", headers={"Authorization": f"Bearer {keys['bob']}"}).status_code == 403
+    page = signed_in(browser, url, root_key)
+    page.click("#admin-tab")
+    page.wait_for_selector("#admin-users li[data-name=alice]")
+    page.fill("#admin-name", "carol")
+    page.click("#admin-add button[type=submit]")
+    page.wait_for_function("document.querySelector('#admin-key').textContent.includes('mur_')")
+    key = page.inner_text("#admin-key").split(": ")[-1].strip()
+    assert service.store.user_by_key(key).name == "carol"
+    page.wait_for_selector("#admin-users li[data-name=carol]")
+    shot(page, "admin")

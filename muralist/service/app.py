@@ -48,6 +48,11 @@ class JobIn(BaseModel):
     priority: int = Field(0, ge=-10, le=10)
 
 
+class NewUser(BaseModel):
+    name: str
+    admin: bool = False
+
+
 def job_view(service: Service, job: Job) -> dict[str, Any]:
     out: dict[str, Any] = {
         "id": job.id,
@@ -197,6 +202,49 @@ def create_app(service: Service, auth: AuthConfig | None = None, cors_origins: l
         recs = service.store.list_images(user.name, limit, offset)
         return {"images": [{"id": r.id, "job_id": r.job_id, "seed": r.seed, "infotext": r.infotext, "created_at": r.created_at} for r in recs]}
 
+    @app.delete("/api/v1/images/{image_id}")
+    def delete_image(image_id: str, user: User = Depends(current_user)) -> dict[str, Any]:
+        rec = service.store.get_image(image_id)
+        if rec is None or (rec.owner != user.name and not user.admin):
+            raise HTTPException(404, f"no image {image_id!r}")
+        service.store.delete_image(image_id)
+        (service.dirs.root / rec.path).unlink(missing_ok=True)
+        return {"deleted": image_id}
+
+    def admin(user: User = Depends(current_user)) -> User:
+        if not user.admin:
+            raise HTTPException(403, "admins only")
+        return user
+
+    @app.get("/api/v1/admin/users")
+    def admin_users(user: User = Depends(admin)) -> dict[str, Any]:
+        return {"users": [{"name": u.name, "admin": u.admin, "has_key": u.has_key, "created_at": u.created_at,
+                           "queued": service.store.queue_counts().get(u.name, 0)} for u in service.store.list_users()]}
+
+    @app.post("/api/v1/admin/users", status_code=201)
+    def admin_add_user(body: NewUser, user: User = Depends(admin)) -> dict[str, Any]:
+        return {"name": body.name, "admin": body.admin, "key": service.store.add_user(body.name, admin=body.admin)}
+
+    @app.post("/api/v1/admin/users/{name}/reset-key")
+    def admin_reset_key(name: str, user: User = Depends(admin)) -> dict[str, Any]:
+        if service.store.get_user(name) is None:
+            raise HTTPException(404, f"no user {name!r}")
+        return {"name": name, "key": service.store.reset_key(name)}
+
+    @app.delete("/api/v1/admin/users/{name}")
+    def admin_remove_user(name: str, user: User = Depends(admin)) -> dict[str, Any]:
+        if name == user.name:
+            raise InvalidRequestError("you cannot remove yourself")
+        if not service.store.remove_user(name):
+            raise HTTPException(404, f"no user {name!r}")
+        return {"removed": name}
+
+    @app.get("/api/v1/admin/status")
+    def admin_status(user: User = Depends(admin)) -> dict[str, Any]:
+        running = service.store.list_jobs(None, [JobStatus.RUNNING])
+        return {"running": [job_view(service, j) for j in running], "queued": service.store.queue_counts(),
+                "loaded_models": service.loaded_models()}
+
     @app.get("/api/v1/jobs/{job_id}/events")
     async def job_events(job_id: str, request: Request, user: User = Depends(current_user)) -> StreamingResponse:
         job = own_job(job_id, user)
@@ -255,9 +303,28 @@ def create_app(service: Service, auth: AuthConfig | None = None, cors_origins: l
     @app.get("/api/v1/samplers")
     def samplers_list() -> dict[str, Any]:
         from ..engine import samplers
+        from ..engine.txt2img import LATENT_MODES
 
         return {"samplers": [s.name for s in samplers.SAMPLERS],
-                "schedulers": [samplers.SCHEDULES[k][0] for k in samplers.SUPPORTED_SCHEDULES]}
+                "schedulers": [samplers.SCHEDULES[k][0] for k in samplers.SUPPORTED_SCHEDULES],
+                "latent_upscale_modes": list(LATENT_MODES)}
+
+    @app.get("/api/v1/styles")
+    def styles(user: User = Depends(current_user)) -> dict[str, Any]:
+        from ..prompts.styles import load_styles
+
+        return {"styles": [{"name": st.name, "prompt": st.prompt, "negative_prompt": st.negative_prompt}
+                           for st in load_styles(service.dirs.root / "styles.csv").values()]}
+
+    @app.post("/api/v1/png-info")
+    def png_info(body: dict[str, Any], user: User = Depends(current_user)) -> dict[str, Any]:
+        from ..engine.images import decode_image
+        from ..infotext import parse_infotext, read_infotext
+
+        if not body.get("image"):
+            raise InvalidRequestError("image: a base64 image is required")
+        text = read_infotext(decode_image(body["image"]))
+        return {"infotext": text, "parameters": parse_infotext(text) if text else {}}
 
     @app.post("/api/v1/interrogate")
     def interrogate(body: dict[str, Any], user: User = Depends(current_user)) -> dict[str, str]:

@@ -227,6 +227,11 @@ class Service:
 
     # ------------------------------------------------------------- workers
 
+    def loaded_models(self) -> list[str]:
+        """Titles of the checkpoints in the model cache (none before the engine has started)."""
+        keys = self._loaded_keys()
+        return [c.title for c in self._engine.registry.checkpoints() if c.sha256 in keys] if keys else []
+
     def _loaded_keys(self) -> set[str]:
         if self._engine is None:
             return set()

@@ -1,9 +1,9 @@
 """Face restoration (CodeFormer, GFPGAN) in AUTOMATIC1111's folders, with no torchvision or facexlib.
 
-Only CodeFormer is implemented; GFPGAN (v1 clean) files are recognised and refused with a clear
-error. The networks are rebuilt here from the key layout of the released weights (``codeformer.pth`` and
-``GFPGANv1.4.pth`` keep them under ``params_ema``); every size is read from the tensors, so a tiny
-random model in the same layout runs through exactly the same code as the real ~90M-parameter ones.
+Both CodeFormer and GFPGAN v1 clean (GFPGANv1.3/1.4) run. The networks are rebuilt here from the
+key layout of the released weights (``codeformer.pth`` and ``GFPGANv1.4.pth`` keep them under
+``params_ema``); every size is read from the tensors, so a tiny random model in the same layout runs
+through exactly the same code as the real ones (~94M and ~86M parameters).
 
 Pipeline (A1111's ``restore_with_helper``, simplified): find faces with OpenCV's Haar frontal-face
 cascade, cut a square crop with a margin around each, resize it to the network's input size (512 for
@@ -377,6 +377,333 @@ def _block_kinds(sd: Mapping[str, torch.Tensor], prefix: str) -> list[tuple[str,
 
 
 # ---------------------------------------------------------------------------------------------------
+# GFPGAN v1 clean (TencentARC/GFPGAN gfpgan/archs/gfpganv1_clean_arch.py + stylegan2_clean_arch.py layout)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _stylegan_channels(out_size: int, channel_multiplier: float, narrow: float) -> dict[int, int]:
+    """StyleGAN2's width per resolution: 512 up to 32x32, then 256*cm at 64x64, halving each step."""
+    table: dict[int, int] = {}
+    res = 4
+    while res <= out_size:
+        base = 512 if res <= 32 else 256 * channel_multiplier * 64 / res
+        table[res] = int(base * narrow)
+        res *= 2
+    return table
+
+
+class _NormStyle(nn.Module):
+    """Pixel-norm of the style code (parameter-free ``style_mlp.0``), over dim 1 like the original."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + 1e-8)
+
+
+class _ModulatedConv(nn.Module):
+    """StyleGAN2 weight-modulated conv (no bias); the per-sample kernels run as one grouped conv."""
+
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        kernel: int,
+        style_dim: int,
+        demodulate: bool = True,
+        upsample: bool = False,
+    ) -> None:
+        super().__init__()
+        self.out_ch = out_ch
+        self.kernel = kernel
+        self.demodulate = demodulate
+        self.upsample = upsample
+        self.modulation = nn.Linear(style_dim, in_ch)
+        self.weight = nn.Parameter(
+            torch.randn(1, out_ch, in_ch, kernel, kernel) / math.sqrt(in_ch * kernel**2)
+        )
+
+    def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+        b, c = x.shape[:2]
+        weight = self.weight * self.modulation(style).view(b, 1, c, 1, 1)  # (b, out, in, k, k)
+        if self.demodulate:
+            weight = weight * torch.rsqrt(weight.pow(2).sum(dim=(2, 3, 4), keepdim=True) + 1e-8)
+        if self.upsample:  # the clean arch upsamples bilinearly, then convolves (no blur kernel)
+            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        h, w = x.shape[2:]
+        kernels = weight.reshape(b * self.out_ch, c, self.kernel, self.kernel)
+        out = F.conv2d(x.reshape(1, b * c, h, w), kernels, padding=self.kernel // 2, groups=b)
+        return out.view(b, self.out_ch, *out.shape[2:])
+
+
+class _StyleConv(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, style_dim: int, upsample: bool = False) -> None:
+        super().__init__()
+        self.modulated_conv = _ModulatedConv(in_ch, out_ch, 3, style_dim, demodulate=True, upsample=upsample)
+        self.weight = nn.Parameter(torch.zeros(1))  # noise strength
+        self.bias = nn.Parameter(torch.zeros(1, out_ch, 1, 1))
+
+    def forward(self, x: torch.Tensor, style: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+        out = self.modulated_conv(x, style) * 2**0.5  # the clean arch folds the old gain in here
+        if noise is None:
+            noise = out.new_empty(out.shape[0], 1, *out.shape[2:]).normal_()
+        return F.leaky_relu(out + self.weight * noise + self.bias, 0.2)
+
+
+class _ToRGB(nn.Module):
+    def __init__(self, in_ch: int, style_dim: int, upsample: bool = True) -> None:
+        super().__init__()
+        self.upsample = upsample
+        self.modulated_conv = _ModulatedConv(in_ch, 3, 1, style_dim, demodulate=False)
+        self.bias = nn.Parameter(torch.zeros(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor, style: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.modulated_conv(x, style) + self.bias
+        if skip is not None:
+            if self.upsample:
+                skip = F.interpolate(skip, scale_factor=2, mode="bilinear", align_corners=False)
+            out = out + skip
+        return out
+
+
+class _ConstantInput(nn.Module):
+    def __init__(self, channels: int, size: int = 4) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(1, channels, size, size))
+
+
+class _StyleGAN2CSFT(nn.Module):
+    """StyleGAN2 generator whose first conv of each level is modulated by the U-Net's SFT conditions."""
+
+    def __init__(
+        self,
+        out_size: int,
+        num_style_feat: int = 512,
+        num_mlp: int = 8,
+        channel_multiplier: float = 2,
+        narrow: float = 1,
+        sft_half: bool = False,
+        stored_noise: bool = True,
+    ) -> None:
+        super().__init__()
+        self.sft_half = sft_half
+        self.log_size = int(math.log2(out_size))
+        self.num_layers = (self.log_size - 2) * 2 + 1  # style convs, each with its own noise
+        self.num_latent = self.log_size * 2 - 2  # style vectors consumed (convs + to_rgbs)
+        ch = _stylegan_channels(out_size, channel_multiplier, narrow)
+
+        mlp: list[nn.Module] = [_NormStyle()]
+        for _ in range(num_mlp):
+            mlp += [nn.Linear(num_style_feat, num_style_feat), nn.LeakyReLU(0.2)]
+        self.style_mlp = nn.Sequential(*mlp)
+
+        self.constant_input = _ConstantInput(ch[4])
+        self.style_conv1 = _StyleConv(ch[4], ch[4], num_style_feat)
+        self.to_rgb1 = _ToRGB(ch[4], num_style_feat, upsample=False)
+        self.style_convs = nn.ModuleList()
+        self.to_rgbs = nn.ModuleList()
+        in_ch = ch[4]
+        for i in range(3, self.log_size + 1):
+            out_ch = ch[2**i]
+            self.style_convs.append(_StyleConv(in_ch, out_ch, num_style_feat, upsample=True))
+            self.style_convs.append(_StyleConv(out_ch, out_ch, num_style_feat))
+            self.to_rgbs.append(_ToRGB(out_ch, num_style_feat))
+            in_ch = out_ch
+        # The released weights ship fixed noise maps; using them makes restoration reproducible.
+        self.noises = nn.Module()
+        self.stored_noise = stored_noise
+        if stored_noise:
+            for idx in range(self.num_layers):
+                res = 2 ** ((idx + 5) // 2)
+                self.noises.register_buffer(f"noise{idx}", torch.zeros(1, 1, res, res))
+
+    def forward(
+        self,
+        style: torch.Tensor,
+        conditions: Sequence[torch.Tensor],
+        input_is_latent: bool = True,
+        randomize_noise: bool = False,
+    ) -> torch.Tensor:
+        if not input_is_latent:
+            style = self.style_mlp(style)
+        # One style vector per layer (different_w), or the same one repeated.
+        latent = style if style.ndim == 3 else style.unsqueeze(1).expand(-1, self.num_latent, -1)
+        noise: list[torch.Tensor | None]
+        if randomize_noise or not self.stored_noise:
+            noise = [None] * self.num_layers
+        else:
+            noise = [getattr(self.noises, f"noise{i}") for i in range(self.num_layers)]
+
+        out = self.constant_input.weight.expand(latent.shape[0], -1, -1, -1)
+        out = self.style_conv1(out, latent[:, 0], noise[0])
+        skip = self.to_rgb1(out, latent[:, 1])
+        for level, to_rgb in enumerate(self.to_rgbs):
+            i = 2 * level + 1
+            out = self.style_convs[2 * level](out, latent[:, i], noise[i])
+            if 2 * level + 1 < len(conditions):  # SFT: scale and shift from the U-Net at this level
+                scale, shift = conditions[2 * level], conditions[2 * level + 1]
+                if self.sft_half:  # only the second half of the channels is modulated
+                    keep, sft = torch.split(out, out.shape[1] // 2, dim=1)
+                    out = torch.cat([keep, sft * scale + shift], dim=1)
+                else:
+                    out = out * scale + shift
+            out = self.style_convs[2 * level + 1](out, latent[:, i + 1], noise[i + 1])
+            skip = to_rgb(out, latent[:, i + 2], skip)
+        return skip
+
+
+class _GFPResBlock(nn.Module):
+    """U-Net residual block that resamples bilinearly by ``scale`` (0.5 down, 2 up)."""
+
+    def __init__(self, in_ch: int, out_ch: int, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+        self.conv1 = nn.Conv2d(in_ch, in_ch, 3, 1, 1)
+        self.conv2 = nn.Conv2d(in_ch, out_ch, 3, 1, 1)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.leaky_relu(self.conv1(x), 0.2)
+        out = F.interpolate(out, scale_factor=self.scale, mode="bilinear", align_corners=False)
+        out = F.leaky_relu(self.conv2(out), 0.2)
+        x = F.interpolate(x, scale_factor=self.scale, mode="bilinear", align_corners=False)
+        return out + self.skip(x)
+
+
+def _sft_branch(ch: int, out_ch: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(ch, ch, 3, 1, 1), nn.LeakyReLU(0.2), nn.Conv2d(ch, out_ch, 3, 1, 1))
+
+
+class GFPGANv1Clean(nn.Module):
+    """GFPGAN v1 clean: a U-Net whose features steer a pretrained StyleGAN2 decoder through SFT.
+
+    The released GFPGANv1.3/1.4 is ``GFPGANv1Clean()``: 512x512 faces, 512-wide styles, 8 MLP
+    layers, channel_multiplier 2, narrow 1, one style vector per layer (different_w), latent input
+    (the MLP is skipped, as GFPGANer builds it) and SFT on half the channels.
+    """
+
+    def __init__(
+        self,
+        out_size: int = 512,
+        num_style_feat: int = 512,
+        channel_multiplier: float = 2,
+        num_mlp: int = 8,
+        input_is_latent: bool = True,
+        different_w: bool = True,
+        narrow: float = 1,
+        sft_half: bool = True,
+        stored_noise: bool = True,
+    ) -> None:
+        super().__init__()
+        self.img_size = out_size
+        self.input_is_latent = input_is_latent
+        self.different_w = different_w
+        self.num_style_feat = num_style_feat
+        self.log_size = int(math.log2(out_size))
+        if 2**self.log_size != out_size or self.log_size < 3:
+            raise ValueError(f"GFPGAN output size must be a power of two >= 8, got {out_size}")
+        ch = _stylegan_channels(out_size, channel_multiplier, narrow * 0.5)  # the U-Net is half as wide
+
+        self.conv_body_first = nn.Conv2d(3, ch[out_size], 1)
+        self.conv_body_down = nn.ModuleList()
+        in_ch = ch[out_size]
+        for i in range(self.log_size, 2, -1):
+            self.conv_body_down.append(_GFPResBlock(in_ch, ch[2 ** (i - 1)], 0.5))
+            in_ch = ch[2 ** (i - 1)]
+        self.final_conv = nn.Conv2d(in_ch, ch[4], 3, 1, 1)
+
+        self.conv_body_up = nn.ModuleList()
+        self.toRGB = nn.ModuleList()  # auxiliary RGB heads: only trained, but stored in the weights
+        self.condition_scale = nn.ModuleList()
+        self.condition_shift = nn.ModuleList()
+        in_ch = ch[4]
+        for i in range(3, self.log_size + 1):
+            out_ch = ch[2**i]
+            self.conv_body_up.append(_GFPResBlock(in_ch, out_ch, 2.0))
+            self.toRGB.append(nn.Conv2d(out_ch, 3, 1))
+            # Half SFT modulates half the decoder's channels, which is exactly the U-Net's width.
+            sft_ch = out_ch if sft_half else out_ch * 2
+            self.condition_scale.append(_sft_branch(out_ch, sft_ch))
+            self.condition_shift.append(_sft_branch(out_ch, sft_ch))
+            in_ch = out_ch
+
+        n_latent = (self.log_size * 2 - 2) if different_w else 1
+        self.final_linear = nn.Linear(ch[4] * 16, n_latent * num_style_feat)
+        self.stylegan_decoder = _StyleGAN2CSFT(
+            out_size, num_style_feat, num_mlp, channel_multiplier, narrow, sft_half, stored_noise
+        )
+
+    @classmethod
+    def from_state_dict(cls, sd: Mapping[str, torch.Tensor]) -> GFPGANv1Clean:
+        """Build (not load) a GFPGANv1Clean whose sizes match ``sd``.
+
+        ``input_is_latent`` is not in the tensors; it is True as GFPGANer (and A1111) build v1.3/1.4.
+        """
+        dec = "stylegan_decoder."
+        levels = _count(sd, "conv_body_up.", ".conv1.weight")
+        log_size = levels + 2
+        num_style_feat = sd[f"{dec}style_conv1.modulated_conv.modulation.weight"].shape[1]
+        narrow = sd[f"{dec}constant_input.weight"].shape[1] / 512
+        multiplier: float = 2
+        if log_size >= 6:  # widths beyond 32x32 scale with the multiplier
+            width64 = sd[f"{dec}style_convs.6.modulated_conv.weight"].shape[1]
+            multiplier = width64 / (256 * narrow)
+            multiplier = round(multiplier) if abs(multiplier - round(multiplier)) < 1e-6 else multiplier
+        scale_out, scale_in = sd["condition_scale.0.2.weight"].shape[:2]
+        return cls(
+            out_size=2**log_size,
+            num_style_feat=num_style_feat,
+            channel_multiplier=multiplier,
+            num_mlp=_count(sd, f"{dec}style_mlp.", ".weight"),
+            different_w=sd["final_linear.weight"].shape[0] != num_style_feat,
+            narrow=narrow,
+            sft_half=scale_out == scale_in,
+            stored_noise=f"{dec}noises.noise0" in sd,
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        return_latents: bool = False,
+        return_rgb: bool = True,
+        randomize_noise: bool = False,
+        **_ignored: Any,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Restore faces ``x`` (b, 3, out_size, out_size) in [-1, 1] -> (image, intermediate RGBs).
+
+        Same call as the original (A1111 takes ``net(x, return_rgb=False)[0]``; extra keywords
+        such as CodeFormer's ``weight`` are ignored). ``randomize_noise`` defaults to False here:
+        the stored noise maps give reproducible output, where GFPGANer draws fresh noise per call.
+        ``return_latents`` is accepted for compatibility; latents are not returned.
+        """
+        feat = F.leaky_relu(self.conv_body_first(x), 0.2)
+        skips: list[torch.Tensor] = []
+        for block in self.conv_body_down:
+            feat = block(feat)
+            skips.insert(0, feat)
+        feat = F.leaky_relu(self.final_conv(feat), 0.2)
+
+        style = self.final_linear(feat.flatten(1))
+        if self.different_w:
+            style = style.view(style.shape[0], -1, self.num_style_feat)
+
+        conditions: list[torch.Tensor] = []
+        rgbs: list[torch.Tensor] = []
+        for i, up in enumerate(self.conv_body_up):
+            feat = up(feat + skips[i])
+            conditions += [self.condition_scale[i](feat), self.condition_shift[i](feat)]
+            if return_rgb:
+                rgbs.append(self.toRGB[i](feat))
+
+        image = self.stylegan_decoder(style, conditions, self.input_is_latent, randomize_noise)
+        return image, rgbs
+
+
+def _count(sd: Mapping[str, torch.Tensor], prefix: str, suffix: str) -> int:
+    """How many ``prefix<N>suffix`` keys there are (e.g. the layers of a ModuleList)."""
+    pattern = re.compile(re.escape(prefix) + r"\d+" + re.escape(suffix) + "$")
+    return sum(1 for k in sd if pattern.match(k))
+
+
+# ---------------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------------
 
@@ -414,17 +741,14 @@ def detect_architecture(sd: Mapping[str, torch.Tensor]) -> str:
 
 
 _BUILDERS: dict[str, Callable[[Mapping[str, torch.Tensor]], nn.Module]] = {
-    CODEFORMER: CodeFormer.from_state_dict
+    CODEFORMER: CodeFormer.from_state_dict,
+    GFPGAN: GFPGANv1Clean.from_state_dict,
 }
 
 
 def build_face_model(sd: Mapping[str, torch.Tensor], name: str = "weights") -> nn.Module:
     """A face-restoration network of the detected architecture with ``sd`` loaded, in eval mode."""
     arch = detect_architecture(sd)
-    if arch not in _BUILDERS:
-        raise ModelFileError(
-            f"{name}: {arch} weights are recognised but {arch} is not supported yet; use CodeFormer"
-        )
     try:
         model: nn.Module = _BUILDERS[arch](sd)
     except (KeyError, IndexError, ValueError) as exc:
@@ -486,6 +810,9 @@ def _feather_mask(side: int) -> np.ndarray:
 def _run_net(model: nn.Module, x: torch.Tensor, weight: float) -> torch.Tensor:
     if isinstance(model, CodeFormer):
         return model(x, w=weight, adain=True)
+    if isinstance(model, GFPGANv1Clean):
+        # As A1111 calls it: the restored image only; GFPGAN has no fidelity weight.
+        return model(x, return_rgb=False)[0]
     return model(x)
 
 
@@ -557,8 +884,8 @@ _EXTS = (".pth", ".safetensors")
 class FaceRestorers:
     """CodeFormer/GFPGAN weights from an A1111 data folder (``models/Codeformer``, ``models/GFPGAN``).
 
-    Only CodeFormer runs so far: GFPGAN weights are found and recognised, but loading them raises
-    a MuralistError saying GFPGAN is not supported yet.
+    GFPGAN files must be v1 clean (GFPGANv1.3/1.4, what A1111 downloads); the original v1 with
+    its custom CUDA ops, RestoreFormer and GPEN are rejected as unrecognised.
 
     ``dirs`` is a ``DataDirs`` or the data folder itself. Networks load on first use and are kept;
     loading is serialised so concurrent requests load each file once.
@@ -595,8 +922,6 @@ class FaceRestorers:
         """The network for ``model``, loaded (once) from ``find(model)``."""
         name = self._canonical(model)
         path = self.find(name)
-        if name not in _BUILDERS:
-            raise MuralistError(f"{name} face restoration is not supported yet; use CodeFormer")
         mtime = path.stat().st_mtime
         with self._lock:
             cached = self._models.get(name)
@@ -617,7 +942,9 @@ class FaceRestorers:
         visibility: float = 1.0,
         weight: float = 0.5,
     ) -> Image.Image:
-        """Detect faces and restore them (A1111 extras: visibility 0..1, CodeFormer weight 0..1)."""
+        """Detect faces and restore them (A1111 extras: visibility 0..1, CodeFormer weight 0..1).
+
+        ``weight`` is CodeFormer's fidelity; GFPGAN has none and ignores it, as in A1111."""
         if not 0 <= visibility <= 1:
             raise InvalidRequestError(
                 f"face restoration visibility must be between 0 and 1, got {visibility}"

@@ -75,6 +75,15 @@ async function fillChoices(me) {
   fill($("model"), models.checkpoints.map((c) => c.title), opts.model);
   fill($("sampler_name"), samplers.samplers, opts.sampler_name || "Euler a");
   fill($("scheduler"), ["Automatic", ...samplers.schedulers.filter((s) => s !== "Automatic")], opts.scheduler || "Automatic");
+  const vae = $("vae");
+  vae.innerHTML = "";
+  vae.add(new Option(t("settings.automatic"), ""));
+  for (const v of models.vaes) vae.add(new Option(v.name, v.name, false, v.name === opts.vae));
+  fill($("hr_upscaler"), [...samplers.latent_upscale_modes, ...models.upscalers], "Latent");
+  fill($("extras-upscaler"), models.upscalers, "Lanczos");
+  const styles = await api("/api/v1/styles");
+  fill($("styles"), styles.styles.map((st) => st.name), null);
+  $("admin-tab").hidden = !(me && me.admin);
 }
 
 let tokenTimer = null;
@@ -92,7 +101,12 @@ const paint = { loaded: false, painted: false, drawing: false };
 
 function loadInitImage(file) {
   const reader = new FileReader();
-  reader.onload = () => {
+  reader.onload = () => loadInitURL(reader.result);
+  reader.readAsDataURL(file);
+}
+
+function loadInitURL(url) {
+  {
     const img = new Image();
     img.onload = () => {
       for (const c of [$("init-canvas"), $("mask-canvas")]) { c.width = img.naturalWidth; c.height = img.naturalHeight; }
@@ -102,9 +116,8 @@ function loadInitImage(file) {
       $("canvas-wrap").hidden = false;
       $("mask-tools").hidden = false;
     };
-    img.src = reader.result;
-  };
-  reader.readAsDataURL(file);
+    img.src = url;
+  }
 }
 
 function clearMask() {
@@ -138,6 +151,10 @@ function formParams() {
     prompt: $("prompt").value, negative_prompt: $("negative_prompt").value, model: $("model").value,
     sampler_name: $("sampler_name").value, scheduler: $("scheduler").value, steps: num("steps"), cfg_scale: num("cfg_scale"),
     width: num("width"), height: num("height"), seed: num("seed"), n_iter: num("n_iter"), batch_size: num("batch_size"),
+    subseed: num("subseed"), subseed_strength: num("subseed_strength"), vae: $("vae").value || null,
+    styles: [...$("styles").selectedOptions].map((o) => o.value),
+    ...($("enable_hr").checked && !paint.loaded ? { enable_hr: true, hr_scale: num("hr_scale"), hr_upscaler: $("hr_upscaler").value,
+                                                    hr_second_pass_steps: num("hr_second_pass_steps") } : {}),
   };
 }
 
@@ -286,6 +303,18 @@ function parseInfotext(text) {
   return params;
 }
 
+function applyInfotext(text) {
+  const p = parseInfotext(text);
+  $("prompt").value = p.prompt;
+  $("negative_prompt").value = p.negative;
+  if (p.Steps) $("steps").value = p.Steps;
+  if (p["CFG scale"]) $("cfg_scale").value = p["CFG scale"];
+  if (p.Seed) $("seed").value = p.Seed;
+  if (p.Sampler) $("sampler_name").value = p.Sampler;
+  if (p.Size) { const [w, h] = p.Size.split("x"); $("width").value = w; $("height").value = h; }
+  countTokens();
+}
+
 async function showHistory() {
   const { images } = await api("/api/v1/images?limit=60");
   const box = $("history");
@@ -301,17 +330,19 @@ async function showHistory() {
     cap.textContent = rec.infotext;
     const reuse = document.createElement("button");
     reuse.textContent = t("history.reuse");
-    reuse.onclick = () => {
-      const p = parseInfotext(rec.infotext);
-      $("prompt").value = p.prompt;
-      $("negative_prompt").value = p.negative;
-      if (p.Steps) $("steps").value = p.Steps;
-      if (p["CFG scale"]) $("cfg_scale").value = p["CFG scale"];
-      if (p.Seed) $("seed").value = p.Seed;
-      if (p.Size) { const [w, h] = p.Size.split("x"); $("width").value = w; $("height").value = h; }
-      selectTab("txt2img");
-    };
-    fig.append(img, cap, reuse);
+    reuse.onclick = () => { applyInfotext(rec.infotext); selectTab("txt2img"); };
+    const toImg = document.createElement("button");
+    toImg.textContent = t("history.to_img2img");
+    toImg.onclick = () => { applyInfotext(rec.infotext); loadInitURL(img.src); selectTab("txt2img"); };
+    const dl = document.createElement("a");
+    dl.textContent = t("history.download");
+    dl.download = `${rec.id}.png`;
+    imageURL(rec.id).then((u) => { dl.href = u; });
+    const del = document.createElement("button");
+    del.textContent = t("history.delete");
+    del.className = "history-delete";
+    del.onclick = async () => { await api(`/api/v1/images/${rec.id}`, { method: "DELETE" }); fig.remove(); };
+    fig.append(img, cap, reuse, toImg, dl, del);
     box.append(fig);
   }
 }
@@ -380,6 +411,81 @@ async function saveSettings(ev) {
   } catch (e) { showError(e.message); }
 }
 
+function fileDataURL(file) {
+  return new Promise((resolve) => { const r = new FileReader(); r.onload = () => resolve(r.result); r.readAsDataURL(file); });
+}
+
+async function runExtras(ev) {
+  ev.preventDefault();
+  const file = $("extras-file").files[0];
+  if (!file) return;
+  try {
+    const params = { image: await fileDataURL(file), upscaling_resize: Number($("extras-scale").value), upscaler_1: $("extras-upscaler").value,
+                     codeformer_visibility: Number($("extras-codeformer").value), codeformer_weight: Number($("extras-codeformer-weight").value) };
+    const job = await api("/api/v1/jobs", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ type: "extras", params }) });
+    let done;
+    for (;;) {
+      done = await api(`/api/v1/jobs/${job.id}`);
+      if (["succeeded", "failed", "canceled"].includes(done.status)) break;
+      await new Promise((r) => setTimeout(r, 300));
+    }
+    const out = $("extras-out");
+    out.innerHTML = "";
+    if (done.status !== "succeeded") { showError(done.error || done.status); return; }
+    const img = new Image();
+    img.src = await imageURL(done.result.images[0]);
+    const cap = document.createElement("pre");
+    cap.textContent = done.result.infotexts[0];
+    out.append(img, cap);
+  } catch (e) { showError(e.message); }
+}
+
+async function pngInfo() {
+  const file = $("pnginfo-file").files[0];
+  if (!file) return;
+  const url = await fileDataURL(file);
+  const info = await api("/api/v1/png-info", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ image: url }) });
+  $("pnginfo-text").textContent = info.infotext || t("pnginfo.none");
+  $("pnginfo-send").hidden = $("pnginfo-send-img2img").hidden = !info.infotext;
+  $("pnginfo-send").onclick = () => { applyInfotext(info.infotext); selectTab("txt2img"); };
+  $("pnginfo-send-img2img").onclick = () => { applyInfotext(info.infotext); loadInitURL(url); selectTab("txt2img"); };
+}
+
+async function showAdmin() {
+  const [users, status] = await Promise.all([api("/api/v1/admin/users"), api("/api/v1/admin/status")]);
+  const list = $("admin-users");
+  list.innerHTML = "";
+  for (const u of users.users) {
+    const li = document.createElement("li");
+    li.dataset.name = u.name;
+    li.textContent = `${u.name}${u.admin ? " (admin)" : ""} — ${u.queued} `;
+    const reset = document.createElement("button");
+    reset.textContent = t("admin.reset");
+    reset.onclick = async () => { const r = await api(`/api/v1/admin/users/${encodeURIComponent(u.name)}/reset-key`, { method: "POST" });
+                                  $("admin-key").textContent = t("admin.key", { name: r.name, key: r.key }); };
+    const rm = document.createElement("button");
+    rm.textContent = t("admin.remove");
+    rm.onclick = async () => { await api(`/api/v1/admin/users/${encodeURIComponent(u.name)}`, { method: "DELETE" }).catch((e) => showError(e.message)); showAdmin(); };
+    li.append(reset, " ", rm);
+    list.append(li);
+  }
+  $("admin-running").innerHTML = "";
+  for (const j of status.running) { const li = document.createElement("li"); li.textContent = `${j.owner}: ${j.id}`; $("admin-running").append(li); }
+  $("admin-loaded").innerHTML = "";
+  for (const m of status.loaded_models) { const li = document.createElement("li"); li.textContent = m; $("admin-loaded").append(li); }
+}
+
+async function addUser(ev) {
+  ev.preventDefault();
+  try {
+    const r = await api("/api/v1/admin/users", { method: "POST", headers: { "Content-Type": "application/json" },
+                                                  body: JSON.stringify({ name: $("admin-name").value, admin: $("admin-admin").checked }) });
+    $("admin-key").textContent = t("admin.key", { name: r.name, key: r.key });
+    $("admin-name").value = "";
+    showAdmin();
+  } catch (e) { showError(e.message); }
+}
+
 function selectTab(name) {
   document.querySelectorAll("[role=tab]").forEach((b) => b.setAttribute("aria-selected", String(b.dataset.tab === name)));
   document.querySelectorAll(".tab").forEach((s) => { s.hidden = s.id !== `tab-${name}`; });
@@ -387,6 +493,7 @@ function selectTab(name) {
   if (name === "history") showHistory().catch((e) => showError(e.message));
   if (name === "models") showModels().catch((e) => showError(e.message));
   if (name === "settings") showSettings().catch((e) => showError(e.message));
+  if (name === "admin") showAdmin().catch((e) => showError(e.message));
 }
 
 // ---------------------------------------------------------------- wiring
@@ -406,6 +513,9 @@ async function start() {
   document.querySelectorAll("[role=tab]").forEach((b) => { b.onclick = () => selectTab(b.dataset.tab); });
   $("gen").onsubmit = generate;
   $("settings").onsubmit = saveSettings;
+  $("extras-form").onsubmit = runExtras;
+  $("pnginfo-file").onchange = () => pngInfo().catch((e) => showError(e.message));
+  $("admin-add").onsubmit = addUser;
   $("prompt").addEventListener("keydown", (ev) => { if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) generate(ev); });
   $("prompt").addEventListener("input", countTokens);
   $("swap").onclick = () => { const w = $("width").value; $("width").value = $("height").value; $("height").value = w; };
