@@ -250,3 +250,21 @@ def test_admin_page_manages_users_only_for_admins(site, browser) -> None:
     assert service.store.user_by_key(key).name == "carol"
     page.wait_for_selector("#admin-users li[data-name=carol]")
     shot(page, "admin")
+
+
+def test_outpainting_from_the_page(site, browser, tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    url, service, keys = site
+    Image.fromarray(np.random.default_rng(6).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(tmp_path / "src.png")
+    page = signed_in(browser, url, keys["alice"])
+    small_job(page, "a wide landscape")
+    page.set_input_files("#init-file", str(tmp_path / "src.png"))
+    page.wait_for_selector("#outpaint-tools", state="visible")
+    page.fill("#outpaint_right", "32")
+    page.fill("#outpaint_bottom", "16")
+    page.click("#generate")
+    page.wait_for_selector(".job[data-status=succeeded] img", timeout=60000)
+    page.wait_for_function("document.querySelector('.job[data-status=succeeded] img').naturalWidth === 96")
+    assert page.eval_on_selector(".job[data-status=succeeded] img", "img => img.naturalHeight") == 64

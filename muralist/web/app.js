@@ -115,6 +115,7 @@ function loadInitURL(url) {
       paint.loaded = true;
       $("canvas-wrap").hidden = false;
       $("mask-tools").hidden = false;
+      $("outpaint-tools").hidden = false;
     };
     img.src = url;
   }
@@ -141,9 +142,12 @@ function paintAt(ev) {
 
 function formParams() {
   const num = (id) => Number($(id).value);
+  const outpaint = ["outpaint_left", "outpaint_right", "outpaint_top", "outpaint_bottom"].map((id) => [id, num(id)]);
+  const outpainting = outpaint.some(([, v]) => v > 0);
   const img2img = paint.loaded ? {
     init_images: [$("init-canvas").toDataURL("image/png")], denoising_strength: num("denoising_strength"),
-    ...(paint.painted ? { mask: $("mask-canvas").toDataURL("image/png"), mask_blur: num("mask_blur"),
+    ...(outpainting ? Object.fromEntries(outpaint) : {}),
+    ...(paint.painted && !outpainting ? { mask: $("mask-canvas").toDataURL("image/png"), mask_blur: num("mask_blur"),
                           inpainting_fill: num("inpainting_fill"), inpaint_full_res: $("inpaint_full_res").value === "1" } : {}),
   } : {};
   return {
@@ -521,8 +525,23 @@ async function start() {
   $("swap").onclick = () => { const w = $("width").value; $("width").value = $("height").value; $("height").value = w; };
   $("seed-random").onclick = () => { $("seed").value = -1; };
   $("init-file").onchange = () => { if ($("init-file").files[0]) loadInitImage($("init-file").files[0]); };
-  $("init-clear").onclick = () => { paint.loaded = false; $("init-file").value = ""; $("canvas-wrap").hidden = true; $("mask-tools").hidden = true; };
+  $("init-clear").onclick = () => {
+    paint.loaded = false;
+    $("init-file").value = "";
+    for (const id of ["canvas-wrap", "mask-tools", "outpaint-tools"]) $(id).hidden = true;
+  };
   $("mask-clear").onclick = clearMask;
+  $("mask-file").onchange = async () => {
+    const file = $("mask-file").files[0];
+    if (!file) return;
+    const img = new Image();
+    img.onload = () => {
+      const c = $("mask-canvas");
+      c.getContext("2d").drawImage(img, 0, 0, c.width, c.height);
+      paint.painted = true;
+    };
+    img.src = await fileDataURL(file);
+  };
   const mask = $("mask-canvas");
   mask.addEventListener("pointerdown", (ev) => { paint.drawing = true; mask.setPointerCapture(ev.pointerId); paintAt(ev); });
   mask.addEventListener("pointermove", (ev) => { if (paint.drawing) paintAt(ev); });
