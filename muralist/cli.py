@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     hr.add_argument("--hr-scale", type=float, default=2.0)
     hr.add_argument("--hr-upscaler", default="Latent")
     hr.add_argument("--hr-steps", type=int, default=0, help="second-pass steps (0: same as --steps)")
+    sc = g.add_argument_group("scripts")
+    sc.add_argument("--script-name", default=None, help='"X/Y/Z plot", "Prompt matrix" or "SD upscale"')
+    sc.add_argument("--script-args", default="[]", help="A1111's script_args as a JSON list")
     g.add_argument("--out", type=Path, default=None, help="folder for the images (default: DATA/outputs/txt2img-images/DATE)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -111,6 +114,19 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--database", default=None)
         _add_dirs(p)
 
+    ex = sub.add_parser("extras", help="upscale and/or restore faces in images (A1111's Extras)")
+    ex.add_argument("images", type=Path, nargs="+")
+    ex.add_argument("--upscaler", default="Lanczos", help="None, Lanczos, Nearest or a model in models/ESRGAN|RealESRGAN|SwinIR")
+    ex.add_argument("--scale", type=float, default=2.0)
+    ex.add_argument("--upscaler-2", default="None")
+    ex.add_argument("--upscaler-2-visibility", type=float, default=0.0)
+    ex.add_argument("--gfpgan", type=float, default=0.0, help="GFPGAN visibility (0-1)")
+    ex.add_argument("--codeformer", type=float, default=0.0, help="CodeFormer visibility (0-1)")
+    ex.add_argument("--codeformer-weight", type=float, default=0.5)
+    ex.add_argument("--out", type=Path, default=None, help="folder (default: DATA/outputs/extras-images/DATE)")
+    ex.add_argument("--device", default=None)
+    _add_dirs(ex)
+
     pi = sub.add_parser("png-info", help="print the A1111 infotext stored in an image")
     pi.add_argument("file", type=Path)
     return parser
@@ -126,6 +142,20 @@ def _seed_resize(value: str | None) -> tuple[int, int]:
     except ValueError:
         raise InvalidRequestError(f"--seed-resize-from must look like 512x768, got {value!r}") from None
     return w, h
+
+
+def _json_list(text: str) -> list[Any]:
+    import json
+
+    from .errors import InvalidRequestError
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InvalidRequestError(f"--script-args must be a JSON list: {e}") from None
+    if not isinstance(value, list):
+        raise InvalidRequestError("--script-args must be a JSON list, e.g. '[\"Steps\", \"10,20\", \"\"]'")
+    return value
 
 
 def _b64_file(path: Path) -> str:
@@ -178,6 +208,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "hr_scale": args.hr_scale,
             "hr_upscaler": args.hr_upscaler,
             "hr_second_pass_steps": args.hr_steps,
+            "script_name": args.script_name,
+            "script_args": _json_list(args.script_args),
         }
     )
     from .engine import samplers
@@ -235,6 +267,32 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
     dirs = _dirs(args)
     for p in make_tiny_models(dirs.ckpt_dir, dirs.vae_dir):
         print(p)
+    return 0
+
+
+def cmd_extras(args: argparse.Namespace) -> int:
+    from datetime import date
+
+    from .engine.engine import Engine, next_sequence_number
+    from .engine.images import decode_image
+    from .infotext import read_infotext, save_png
+    from .upscale.extras import parse_extras, run_extras
+
+    req = parse_extras({
+        "images": [_b64_file(p) for p in args.images], "upscaling_resize": args.scale, "upscaler_1": args.upscaler,
+        "upscaler_2": args.upscaler_2, "extras_upscaler_2_visibility": args.upscaler_2_visibility,
+        "gfpgan_visibility": args.gfpgan, "codeformer_visibility": args.codeformer, "codeformer_weight": args.codeformer_weight,
+    })
+    engine = Engine(_dirs(args), device=args.device)
+    for name in {req.upscaler_1, req.upscaler_2}:
+        engine.upscalers.find(name)
+    folder = args.out or engine.dirs.outputs_dir / "extras-images" / date.today().isoformat()
+    number = next_sequence_number(folder)
+    for i, data in enumerate(req.images):
+        src = decode_image(data, str(args.images[i]))
+        image, info = run_extras(engine, req, src)
+        print(save_png(image, folder / f"{number + i:05d}.png", read_infotext(src) or info))
+        print(f"  {info}", file=sys.stderr)
     return 0
 
 
@@ -346,6 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "generate": cmd_generate,
         "png-info": cmd_png_info,
         "serve": cmd_serve,
+        "extras": cmd_extras,
         "users": cmd_users,
         "models": lambda a: {"list": cmd_models_list, "make-tiny": cmd_make_tiny}[a.models_command](a),
     }

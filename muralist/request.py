@@ -65,6 +65,7 @@ class GenerationRequest(BaseModel):
     hr_resize_y: int = Field(0, ge=0, le=MAX_SIDE)
     hr_sampler_name: str | None = None
     hr_scheduler: str | None = None
+    hr_checkpoint_name: str | None = None
     hr_prompt: str = ""
     hr_negative_prompt: str = ""
     # A1111 scripts: "X/Y/Z plot" and "Prompt matrix", with A1111's positional script_args

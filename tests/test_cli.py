@@ -138,3 +138,20 @@ def test_inpaint_from_the_command_line(data: Path, tmp_path: Path) -> None:
     img = np.asarray(Image.open(path).convert("RGB"))
     assert np.array_equal(img[:16], np.asarray(src)[:16])
     assert "Masked content: original" in muralist("png-info", str(path), data=data).stdout
+
+
+def test_extras_and_xyz_from_the_command_line(data: Path, tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(4).integers(0, 255, (24, 40, 3), dtype=np.uint8)).save(tmp_path / "small.png")
+    out = muralist("extras", str(tmp_path / "small.png"), "--upscaler", "Lanczos", "--scale", "2", "--out", str(tmp_path / "x"), data=data)
+    assert out.returncode == 0, out.stderr
+    assert Image.open(out.stdout.split()[0]).size == (80, 48) and "Postprocess upscaler: Lanczos" in out.stderr
+    bad = muralist("extras", str(tmp_path / "small.png"), "--upscaler", "Lanczoss", data=data)
+    assert bad.returncode == 2 and "Lanczos" in bad.stderr and "Traceback" not in bad.stderr
+    xyz = muralist("generate", "a cat", "--width", "64", "--height", "64", "--steps", "2", "--model", "tiny-sd15.safetensors",
+                   "--script-name", "X/Y/Z plot", "--script-args", '["Steps", "1,2", "", "Nothing", "", "", "Nothing", "", ""]',
+                   "--out", str(tmp_path / "g"), data=data)
+    assert xyz.returncode == 0, xyz.stderr
+    assert len(xyz.stdout.split()) == 3  # the grid, then the two cells

@@ -366,6 +366,9 @@ def generate_images(
     hr_choice = samplers.resolve(req.hr_sampler_name or req.sampler_name, req.hr_scheduler or req.scheduler) if req.enable_hr else None
     if req.enable_hr and img2img:
         raise InvalidRequestError("enable_hr: hires fix is for txt2img; img2img takes the size you ask for")
+    if req.enable_hr and req.hr_checkpoint_name not in (None, "", "Use same checkpoint"):
+        raise InvalidRequestError("hr_checkpoint_name: a different checkpoint for the hires pass is not available yet; "
+                                  "leave it empty or 'Use same checkpoint'")
     hr_upscaler = req.hr_upscaler or "Latent"
     if req.enable_hr and hr_upscaler not in LATENT_MODES and upscale is None:
         raise InvalidRequestError(f"hr_upscaler: {hr_upscaler!r} is not available here; use one of {', '.join(LATENT_MODES)}")
