@@ -65,7 +65,7 @@ def job_view(service: Service, job: Job) -> dict[str, Any]:
         "finished_at": job.finished_at,
         "attempts": job.attempts,
         # Input images can be megabytes: the view says how many there were instead.
-        "params": {k: (f"<{len(v)} image(s)>" if k == "init_images" else "<mask>" if k == "mask" and v else v)
+        "params": {k: (f"<{len(v)} image(s)>" if k in ("init_images", "images") else f"<{k}>" if k in ("mask", "image") and v else v)
                    for k, v in job.params.items()},
         "result": job.result,
         "error": job.error,
@@ -325,14 +325,6 @@ def create_app(service: Service, auth: AuthConfig | None = None, cors_origins: l
             raise InvalidRequestError("image: a base64 image is required")
         text = read_infotext(decode_image(body["image"]))
         return {"infotext": text, "parameters": parse_infotext(text) if text else {}}
-
-    @app.post("/api/v1/interrogate")
-    def interrogate(body: dict[str, Any], user: User = Depends(current_user)) -> dict[str, str]:
-        from ..engine.images import decode_image
-
-        if not body.get("image"):
-            raise InvalidRequestError("image: a base64 image is required")
-        return {"caption": service.interrogator.caption(decode_image(body["image"]))}
 
     @app.get("/api/v1/token-count")
     def count(prompt: str = "", steps: int = Query(20, ge=1, le=150)) -> dict[str, int]:

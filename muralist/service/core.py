@@ -26,7 +26,7 @@ from .store import Job, JobStatus, LimitError, Store, User
 
 log = logging.getLogger("muralist.service")
 
-JOB_TYPES = ("txt2img", "img2img", "extras")
+JOB_TYPES = ("txt2img", "img2img", "extras", "interrogate")
 
 
 @dataclass
@@ -176,6 +176,19 @@ class Service:
         return req, info.sha256
 
     def submit(self, user: User, job_type: str, params: dict[str, Any], priority: int = 0, job_id: str | None = None) -> Job:
+        if job_type == "interrogate":
+            from ..engine.images import decode_image
+
+            if not params.get("image"):
+                raise InvalidRequestError("image: a base64 image is required")
+            decode_image(params["image"])
+            self.interrogator.model_dir()  # no captioning model: say so now, not when the job runs
+            limits = self.settings.limits.merged(user.limits)
+            job = self.store.submit(user.name, job_type, {"image": params["image"]}, priority=priority, job_id=job_id,
+                                    max_queued=limits.max_queued)
+            with self._wake:
+                self._wake.notify()
+            return job
         if job_type == "extras":
             from ..engine.images import decode_image
             from ..upscale.extras import parse_extras
@@ -263,6 +276,13 @@ class Service:
             if job.cancel_requested:
                 control.interrupt()
             out_dir = self.dirs.outputs_dir / job.owner / f"{job.type}-images" / time.strftime("%Y-%m-%d")
+            if job.type == "interrogate":
+                from ..engine.images import decode_image
+
+                caption = self.interrogator.caption(decode_image(job.params["image"]))
+                self.store.finish(job.id, {"caption": caption, "images": [], "infotexts": [], "seeds": [], "warnings": []})
+                self.hub.publish({"type": "finished", "owner": job.owner, "job_id": job.id, "images": [], "warnings": []})
+                return
             if job.type == "extras":
                 saved = self._run_extras(job, out_dir)
             else:

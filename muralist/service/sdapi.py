@@ -365,15 +365,16 @@ def install(app: FastAPI, service: Service) -> None:
         return {"images": images, "html_info": html}
 
     @r.post("/sdapi/v1/interrogate")
-    def interrogate(body: dict[str, Any] = Body(...), user: User = Depends(current_user)) -> dict[str, Any]:
-        from ..engine.images import decode_image
-
+    async def interrogate(body: dict[str, Any] = Body(...), user: User = Depends(current_user)) -> dict[str, Any]:
         model = body.get("model", "clip")
         if model != "clip":
             raise InvalidRequestError(f"model: {model!r} is not available; muralist interrogates with 'clip' (a local BLIP model)")
-        if not body.get("image"):
-            raise InvalidRequestError("image: a base64 image is required")
-        return {"caption": service.interrogator.caption(decode_image(body["image"]))}
+        loop = asyncio.get_running_loop()
+        job = await loop.run_in_executor(None, lambda: service.submit(user, "interrogate", {"image": body.get("image")}))
+        job = await wait_finished(job.id)
+        if job.status is not JobStatus.SUCCEEDED:
+            raise HTTPException(500, job.error or "interrogate failed")
+        return {"caption": (job.result or {}).get("caption", "")}
 
     @r.post("/internal/progress")
     def internal_progress(body: dict[str, Any] = Body(...), user: User = Depends(current_user)) -> dict[str, Any]:
