@@ -183,12 +183,7 @@ class Service:
                 raise InvalidRequestError("image: a base64 image is required")
             decode_image(params["image"])
             self.interrogator.model_dir()  # no captioning model: say so now, not when the job runs
-            limits = self.settings.limits.merged(user.limits)
-            job = self.store.submit(user.name, job_type, {"image": params["image"]}, priority=priority, job_id=job_id,
-                                    max_queued=limits.max_queued)
-            with self._wake:
-                self._wake.notify()
-            return job
+            return self._enqueue(user, job_type, {"image": params["image"]}, priority, job_id)
         if job_type == "extras":
             from ..engine.images import decode_image
             from ..upscale.extras import parse_extras
@@ -198,17 +193,16 @@ class Service:
                 decode_image(data, f"image[{i}]")
             for name in {ereq.upscaler_1, ereq.upscaler_2}:
                 self.engine.upscalers.find(name)
-            limits = self.settings.limits.merged(user.limits)
-            job = self.store.submit(user.name, job_type, ereq.model_dump(), priority=priority, job_id=job_id,
-                                    max_queued=limits.max_queued)
-            with self._wake:
-                self._wake.notify()
-            return job
+            return self._enqueue(user, job_type, ereq.model_dump(), priority, job_id)
         req, model_key = self.validate(user, job_type, params)
+        return self._enqueue(user, job_type, req.model_dump(), priority, job_id, model_key)
+
+    def _enqueue(self, user: User, job_type: str, params: dict[str, Any], priority: int, job_id: str | None,
+                 model_key: str | None = None) -> Job:
+        """Store a validated job within the user's queue limit, announce it and wake a worker."""
         limits = self.settings.limits.merged(user.limits)
-        job = self.store.submit(
-            user.name, job_type, req.model_dump(), priority=priority, model_key=model_key, job_id=job_id, max_queued=limits.max_queued
-        )
+        job = self.store.submit(user.name, job_type, params, priority=priority, model_key=model_key, job_id=job_id,
+                                max_queued=limits.max_queued)
         self.hub.publish({"type": "queued", "owner": job.owner, "job_id": job.id, "position": self.store.position(job.id)})
         with self._wake:
             self._wake.notify()
