@@ -60,7 +60,7 @@ def _check_file(path: Path, exts: tuple[str, ...] = MODEL_EXTS) -> str:
     return ext
 
 
-def _read_error(path: Path, exc: OSError) -> ModelFileError:
+def read_error(path: Path, exc: OSError) -> ModelFileError:
     err = ModelFileError(f"cannot read {path}: {exc.strerror or exc}")
     err.__cause__ = exc  # callers use this to tell I/O trouble from bad content
     return err
@@ -86,7 +86,7 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> tuple[int, dict[str
                 raise _corrupt(path, f"header needs {8 + n} bytes but the file has {size}")
             raw = f.read(n)
     except OSError as exc:
-        raise _read_error(path, exc) from exc
+        raise read_error(path, exc) from exc
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -189,7 +189,7 @@ def _torch_load(path: Path, mmap: bool) -> Any:
         with open(path, "rb") as f:
             magic = f.read(4)
     except OSError as exc:
-        raise _read_error(path, exc) from exc
+        raise read_error(path, exc) from exc
     if not (magic.startswith(_ZIP_MAGIC) or (magic and magic[0] == _PICKLE_PROTO)):
         raise _corrupt(path, "not a PyTorch zip or pickle file")
     # mmap only works for the zip format; old-style pickles are read whole.
@@ -205,7 +205,7 @@ def _torch_load(path: Path, mmap: bool) -> Any:
             return _torch_load(path, mmap=False)
         raise _corrupt(path, _first_line(exc)) from None
     except OSError as exc:
-        raise _read_error(path, exc) from exc
+        raise read_error(path, exc) from exc
     except MemoryError:
         raise
     except Exception as exc:  # EOFError, KeyError, ValueError...: a damaged pickle
@@ -218,13 +218,24 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0].split(". ")[0] if text else type(exc).__name__
 
 
-def _tensors_of(path: Path, obj: Any) -> dict[str, torch.Tensor]:
+def tensors_of(path: Path, obj: Any) -> dict[str, torch.Tensor]:
     # A1111-era checkpoints wrap the weights: {"state_dict": {...}, "global_step": ...}.
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise ModelFileError(f"{path} does not hold a state dict (found {type(obj).__name__})")
     return {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def load_pickle(path: str | os.PathLike[str], mmap: bool = False) -> Any:
+    """The whole object of a .ckpt/.pt/.pth/.bin file, unpickled weights-only (nested dicts kept).
+
+    For formats that wrap their tensors (A1111 embeddings, basicsr's ``params_ema``); the same
+    refusal and error rules as ``load_state_dict`` apply.
+    """
+    path = Path(path)
+    _check_file(path)
+    return _torch_load(path, mmap)
 
 
 def read_shapes(path: str | os.PathLike[str]) -> dict[str, tuple[int, ...]]:
@@ -234,7 +245,7 @@ def read_shapes(path: str | os.PathLike[str]) -> dict[str, tuple[int, ...]]:
     if ext in SAFETENSORS_EXTS:
         _, header = read_safetensors_header(path)
         return {k: tuple(int(d) for d in v["shape"]) for k, v in header.items() if k != "__metadata__"}
-    tensors = _tensors_of(path, _torch_load(path, mmap=True))
+    tensors = tensors_of(path, _torch_load(path, mmap=True))
     return {k: tuple(t.shape) for k, t in tensors.items()}
 
 
@@ -243,7 +254,7 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     path = Path(path)
     ext = _check_file(path)
     if ext not in SAFETENSORS_EXTS:
-        return _tensors_of(path, _torch_load(path, mmap=False))
+        return tensors_of(path, _torch_load(path, mmap=False))
 
     import safetensors.torch
 
@@ -251,7 +262,7 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     try:
         return dict(safetensors.torch.load_file(str(path), device="cpu"))
     except OSError as exc:
-        raise _read_error(path, exc) from exc
+        raise read_error(path, exc) from exc
     except MemoryError:
         raise
     except Exception as exc:  # SafetensorError and friends

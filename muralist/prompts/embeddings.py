@@ -199,7 +199,7 @@ def _read(path: Path) -> Any:
         return files.load_state_dict(path)
     # Reuses the model loader's weights_only torch.load, its allowlist and its error messages;
     # load_state_dict itself can't be used because it drops the nested string_to_param dict.
-    return files._torch_load(path, mmap=True)
+    return files.load_pickle(path, mmap=True)
 
 
 def load_embedding(path: str | os.PathLike[str], *, sha256: Callable[[Path], str] = sha256_file) -> Embedding:
@@ -217,7 +217,7 @@ def load_embedding(path: str | os.PathLike[str], *, sha256: Callable[[Path], str
     try:
         digest = sha256(path)
     except OSError as exc:
-        raise files._read_error(path, exc) from exc
+        raise files.read_error(path, exc) from exc
     return Embedding(name=path.stem, path=path, vectors=vectors, shorthash=digest[:12], sha256=digest, **meta)
 
 

@@ -726,9 +726,7 @@ def load_face_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
     path = Path(path)
     if path.suffix.lower() in files.SAFETENSORS_EXTS:
         return files.load_state_dict(path)
-    files._check_file(path)
-    obj = _unwrap(files._torch_load(path, mmap=False))
-    return files._tensors_of(path, obj)
+    return files.tensors_of(path, _unwrap(files.load_pickle(path)))
 
 
 def detect_architecture(sd: Mapping[str, torch.Tensor]) -> str:

@@ -716,8 +716,7 @@ def read_upscaler_state(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]
         return files.load_state_dict(path)
     # files.load_state_dict drops nested dicts, and basicsr nests the weights: unwrap them here,
     # with the same weights-only loader.
-    files._check_file(path)
-    return _unwrap(files._torch_load(path, mmap=False), path)
+    return _unwrap(files.load_pickle(path), path)
 
 
 def read_upscaler_shapes(path: str | os.PathLike[str]) -> dict[str, tuple[int, ...]]:
@@ -726,8 +725,7 @@ def read_upscaler_shapes(path: str | os.PathLike[str]) -> dict[str, tuple[int, .
     _check_ext(path)
     if path.suffix.lower() == ".safetensors":
         return files.read_shapes(path)
-    files._check_file(path)
-    return {k: tuple(v.shape) for k, v in _unwrap(files._torch_load(path, mmap=True), path).items()}
+    return {k: tuple(v.shape) for k, v in _unwrap(files.load_pickle(path, mmap=True), path).items()}
 
 
 def describe_file(path: str | os.PathLike[str]) -> ArchSpec:
