@@ -40,7 +40,7 @@ class Chunk:
 EmbeddingLookup = Callable[[list[int], int], tuple[Any, int] | None]
 
 
-def _encoder_keys(family: Family) -> list[tuple[str, str]]:
+def encoder_keys(family: Family) -> list[tuple[str, str]]:
     """(text encoder component, embedding vector key) per encoder."""
     if family is Family.SDXL:
         return [("text_encoder", "clip_l"), ("text_encoder_2", "clip_g")]
@@ -175,7 +175,7 @@ class PromptEncoder:
         self.embeddings = dict(embeddings or {})
         self.used_embeddings: dict[str, Any] = {}
         self._cache: dict[str, Conditioning] = {}
-        self._encoders = _encoder_keys(model.family)
+        self._encoders = encoder_keys(model.family)
         tok = model.tokenizers[self._encoders[0][0]]
         self._index = EmbeddingIndex(self.embeddings, tok) if self.embeddings else None
 

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from ..infotext import save_png
-from ..models.family import Family
 from ..models.loader import LoadedModel, load_checkpoint, load_vae, pick_device
 from ..models.registry import CheckpointInfo, ModelRegistry, VaeInfo
 from ..networks.lora import LoraRegistry
@@ -69,10 +68,9 @@ def next_sequence_number(folder: Path) -> int:
 
 def embedding_widths(model: LoadedModel) -> dict[str, int]:
     """Text-encoder widths keyed as embedding files name their vectors."""
-    tes = model.text_encoders
-    if model.family is Family.SDXL:
-        return {"clip_l": tes["text_encoder"].config.hidden_size, "clip_g": tes["text_encoder_2"].config.hidden_size}
-    return {"default": tes["text_encoder"].config.hidden_size}
+    from .conditioning import encoder_keys
+
+    return {vec: model.text_encoders[comp].config.hidden_size for comp, vec in encoder_keys(model.family)}
 
 
 class ModelCache:

@@ -115,6 +115,15 @@ def install(app: FastAPI, service: Service) -> None:
     def own_running(user: User) -> list[Job]:
         return service.store.list_jobs(user.name, [JobStatus.RUNNING])
 
+    def images_b64(job: Job) -> list[str]:
+        """A finished job's images as A1111 returns them: raw base64 PNGs."""
+        out = []
+        for image_id in (job.result or {}).get("images", []):
+            rec = service.store.get_image(image_id)
+            if rec is not None:
+                out.append(base64.b64encode((service.dirs.root / rec.path).read_bytes()).decode())
+        return out
+
     async def wait_finished(job_id: str) -> Job:
         key, sub = service.hub.subscribe(None, job_id)
         try:
@@ -138,12 +147,7 @@ def install(app: FastAPI, service: Service) -> None:
         job = await wait_finished(job.id)
         if job.status is JobStatus.FAILED:
             raise HTTPException(500, job.error or "generation failed")
-        images = []
-        if body.get("send_images", True) and job.result:
-            for image_id in job.result.get("images", []):
-                rec = service.store.get_image(image_id)
-                if rec is not None:
-                    images.append(base64.b64encode((service.dirs.root / rec.path).read_bytes()).decode())
+        images = images_b64(job) if body.get("send_images", True) else []
         if job_type == "img2img" and body.get("include_init_images"):
             images += [decode_init(d) for d in body.get("init_images", [])]
         parameters = {k: v for k, v in body.items() if k not in ("init_images", "mask")} if job_type == "img2img" else body
@@ -346,11 +350,7 @@ def install(app: FastAPI, service: Service) -> None:
         job = await wait_finished(job.id)
         if job.status is not JobStatus.SUCCEEDED:
             raise HTTPException(500, job.error or "extras failed")
-        images = []
-        for image_id in (job.result or {}).get("images", []):
-            rec = service.store.get_image(image_id)
-            if rec is not None:
-                images.append(base64.b64encode((service.dirs.root / rec.path).read_bytes()).decode())
+        images = images_b64(job)
         info = "<br>".join((job.result or {}).get("infotexts", []))
         return images, f"<p>{info}</p>"
 
