@@ -98,7 +98,34 @@ def build_parser() -> argparse.ArgumentParser:
                     help="memory budget of the loaded checkpoints' weights (RAM on CPU, VRAM on GPU)")
     sv.add_argument("--cors-allow-origins", default=None, help="comma-separated origins")
     sv.add_argument("--keep-days", type=float, default=30.0, help="prune finished jobs and their images after N days (0: keep all)")
+    sv.add_argument("--devices", default=None, metavar="cuda:0,cuda:1|cpu",
+                    help="in-process workers, one per device (default: each GPU, else the CPU)")
+    sv.add_argument("--cluster", default=None, metavar="HOST:PORT",
+                    help="run jobs on the worker actors of this Ray cluster (see 'muralist worker')")
+    sv.add_argument("--stall-timeout", type=float, default=300.0, metavar="S",
+                    help="kill a worker that reports no progress for S seconds and re-run its job")
+    sv.add_argument("--lease-timeout", type=float, default=20.0, metavar="S",
+                    help="a running job whose API process is silent for S seconds is re-queued by another")
+    sv.add_argument("--max-attempts", type=int, default=2, help="lost runs (dead or stalled worker) before a job fails")
+    sv.add_argument("--grace", type=float, default=10.0, metavar="S",
+                    help="on SIGTERM, seconds running jobs get to finish before they are re-queued")
     _add_dirs(sv)
+
+    wk = sub.add_parser("worker", help="offer this machine's devices to a cluster's API (Ray)")
+    wk.add_argument("--cluster", required=True, metavar="HOST:PORT", help="the Ray head (muralist cluster start-head)")
+    wk.add_argument("--devices", default=None, metavar="cuda:0,cuda:1|cpu", help="default: every GPU, else the CPU")
+    wk.add_argument("--name", default=None, help="worker name (default: this machine's host name)")
+    wk.add_argument("--max-loaded-models", type=int, default=2)
+    wk.add_argument("--max-model-memory", type=float, default=None, metavar="GIB")
+    wk.add_argument("--no-start-node", action="store_true",
+                    help="this machine already joined the cluster (ray start --address=...)")
+    _add_dirs(wk)
+
+    cl = sub.add_parser("cluster", help="Ray cluster set-up")
+    clsub = cl.add_subparsers(dest="cluster_command", required=True)
+    ch = clsub.add_parser("start-head", help="start the Ray head on this (the API) machine, with token auth")
+    ch.add_argument("--port", type=int, default=6380, help="Ray's GCS port (default 6380; 6379 is Redis's)")
+    ch.add_argument("--node-ip-address", default=None, help="the address the other machines reach this one at")
 
     us = sub.add_parser("users", help="manage users and API keys")
     usub = us.add_subparsers(dest="users_command", required=True)
@@ -342,16 +369,19 @@ def cmd_users(args: argparse.Namespace) -> int:
     return 0
 
 
-def _workers(device: str | None) -> int:
-    # One worker per GPU; a CPU gets one (two jobs would only share its cores).
-    if device and device != "cuda":
-        return 1
+def _devices(spec: str | None, device: str | None = None) -> list[str]:
+    """Worker devices: the explicit list, else every GPU (cuda:0, cuda:1, ...), else the CPU."""
+    if spec:
+        return [d.strip() for d in spec.split(",") if d.strip()]
+    if device:
+        return [device]
     try:
         import torch
 
-        return max(1, torch.cuda.device_count())
+        n = torch.cuda.device_count()
     except ImportError:
-        return 1
+        n = 0
+    return [f"cuda:{i}" for i in range(n)] or ["cpu"]
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -381,18 +411,103 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     dirs = _dirs(args)
     dirs.ensure()
+    # One in-process worker per device (several on one device share its model manager). With
+    # --cluster the workers are Ray actors on the cluster's machines; local ones only if asked for.
+    devices = _devices(args.devices, args.device)
+    if args.workers is not None:
+        devices = [devices[i % len(devices)] for i in range(args.workers)]
+    elif args.cluster and not args.devices:
+        devices = []
     settings = Settings(
-        workers=args.workers if args.workers is not None else _workers(args.device),
+        workers=len(devices),
+        devices=devices,
+        cluster=args.cluster,
+        stall_timeout=args.stall_timeout,
+        lease_seconds=args.lease_timeout,
+        max_attempts=args.max_attempts,
+        grace=args.grace,
         device=args.device,
         max_loaded_models=args.max_loaded_models,
         max_model_bytes=int(args.max_model_memory * 2**30) if args.max_model_memory else None,
         keep_days=args.keep_days or None,
     )
+    if args.cluster:  # a wrong address or token: say so now, not in a log line every 2 s
+        from .workers.ray_cluster import connect
+
+        connect(args.cluster)
     service = Service(dirs, store, settings)
     origins = [o.strip() for o in args.cors_allow_origins.split(",")] if args.cors_allow_origins else None
     app = create_app(service, AuthConfig(basic), origins)
     print(f"muralist {'(single-user mode) ' if not basic and not keyed else ''}listening on http://{host}:{args.port}", file=sys.stderr)
-    uvicorn.run(app, host=host, port=args.port, log_level="info")
+    # SIGTERM: uvicorn stops accepting and closes connections (5 s for open streams), then the
+    # service drains: running jobs finish within --grace or go back to the queue.
+    uvicorn.run(app, host=host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+    import socket
+    import subprocess
+    import threading
+
+    from .errors import MuralistError
+    from .workers import ray_cluster
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    dirs = _dirs(args)
+    if not dirs.ckpt_dir.is_dir():
+        raise MuralistError(f"no checkpoints folder at {dirs.ckpt_dir}: pass --data-dir (A1111 layout) or --ckpt-dir")
+    devices = _devices(args.devices)
+    name = args.name or socket.gethostname()
+    ray_cluster.auth_env()
+    if not args.no_start_node:
+        gpus = sum(d.startswith("cuda") for d in devices)
+        cmd = ["ray", "start", f"--address={args.cluster}", f"--num-gpus={gpus}"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0 and "already" not in (done.stdout + done.stderr):
+            raise MuralistError(f"'{' '.join(cmd)}' failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
+    ray_cluster.connect(args.cluster)
+    folders = {k: str(getattr(dirs, k)) for k in ("ckpt_dir", "vae_dir", "lora_dir", "embeddings_dir")}
+    budget = int(args.max_model_memory * 2**30) if args.max_model_memory else None
+    actors = ray_cluster.start_workers(devices, name, str(dirs.root), folders=folders,
+                                       max_loaded_models=args.max_loaded_models, max_model_bytes=budget)
+    names = [ray_cluster.worker_name(name, d, len(devices)) for d in devices]
+    print(f"muralist worker: {', '.join(names)} on {', '.join(devices)} joined {args.cluster}", file=sys.stderr)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(5):
+        try:
+            ray_cluster.ray_get([a.info.remote() for a in actors], timeout=30)
+        except Exception as e:  # Ray restarts a dead actor by itself; say so and carry on
+            print(f"muralist worker: a worker is restarting ({type(e).__name__})", file=sys.stderr)
+    # Leaving: the actors go (a job still running is re-run elsewhere by the dispatcher).
+    ray_cluster.stop_workers(names)
+    if not args.no_start_node:
+        subprocess.run(["ray", "stop"], capture_output=True)
+    return 0
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    import os
+    import subprocess
+
+    from .errors import MuralistError
+    from .workers import ray_cluster
+
+    token = os.environ.get("RAY_AUTH_TOKEN")
+    extra = [f"--node-ip-address={args.node_ip_address}"] if args.node_ip_address else []
+    cmd, env = ray_cluster.start_head(args.port, token, extra)
+    done = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise MuralistError(f"'{' '.join(cmd)}' failed: {(done.stderr or done.stdout).strip()[-500:]}")
+    host = args.node_ip_address or "THIS_HOST"
+    print(f"Ray head started on port {args.port} with token authentication. On this machine and every worker machine:\n"
+          f"  export RAY_AUTH_MODE=token RAY_AUTH_TOKEN={env['RAY_AUTH_TOKEN']}\n"
+          f"then here:  muralist serve --cluster 127.0.0.1:{args.port} --database postgresql://...\n"
+          f"and there:  muralist worker --cluster {host}:{args.port} --data-dir /path/to/a1111")
     return 0
 
 
@@ -404,6 +519,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "generate": cmd_generate,
         "png-info": cmd_png_info,
         "serve": cmd_serve,
+        "worker": cmd_worker,
+        "cluster": cmd_cluster,
         "extras": cmd_extras,
         "users": cmd_users,
         "models": lambda a: {"list": cmd_models_list, "make-tiny": cmd_make_tiny}[a.models_command](a),

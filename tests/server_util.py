@@ -44,7 +44,8 @@ def running_server(root: Path, database: str | None = None, api_auth: dict[str, 
     dirs = DataDirs.from_options(root)
     dirs.ensure()
     store = open_store(database, root)
-    service = Service(dirs, store, Settings(workers=workers, device="cpu", **settings))
+    # grace 0: a job still running when a test ends is re-queued at once, not waited for.
+    service = Service(dirs, store, Settings(**{"workers": workers, "device": "cpu", "grace": 0.0, **settings}))
     app = create_app(service, AuthConfig(api_auth or {}))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -64,8 +65,8 @@ def running_server(root: Path, database: str | None = None, api_auth: dict[str, 
         store.close()
 
 
-def serve_subprocess(root: Path, port: int, database: str | None = None) -> subprocess.Popen:
-    args = [sys.executable, "-m", "muralist.cli", "serve", "--data-dir", str(root), "--port", str(port)]
+def serve_subprocess(root: Path, port: int, database: str | None = None, *extra: str) -> subprocess.Popen:
+    args = [sys.executable, "-m", "muralist.cli", "serve", "--data-dir", str(root), "--port", str(port), *extra]
     if database:
         args += ["--database", database]
     env = dict(os.environ, PYTHONUNBUFFERED="1")

@@ -198,7 +198,7 @@ def test_job_events_stream_progress_and_finish(root: Path, database: str | None)
 def test_restart_with_queued_jobs_loses_nothing(root: Path, database: str | None) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = serve_subprocess(root, port, database)
+    proc = serve_subprocess(root, port, database, "--lease-timeout", "3")
     try:
         startup = wait_http(url)
         assert startup < 5  # the port opens before torch is imported
@@ -209,7 +209,8 @@ def test_restart_with_queued_jobs_loses_nothing(root: Path, database: str | None
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
-        proc = serve_subprocess(root, port, database)
+        # The new process re-queues the job once its lease (3 s here) lapses: nothing else knew it died.
+        proc = serve_subprocess(root, port, database, "--lease-timeout", "3")
         wait_http(url)
         for job_id in ids:
             job = wait_job(c, job_id, timeout=180)

@@ -402,37 +402,99 @@ def test_persistence(opener: Opener) -> None:
     assert s2.get(jobs[1].id).params == {"i": 1}
 
 
-def test_recover(opener: Opener) -> None:
+def test_leases_recover_only_dead_dispatchers_jobs(opener: Opener) -> None:
     s = opener()
     s.ensure_user("alice")
     job = s.submit("alice", "txt2img", {})
     other = s.submit("alice", "txt2img", {})
-    s.claim_next("hostA-w0")
-    s.claim_next("hostB-w0")
+    s.claim_next("A-w0", dispatcher="A", lease=30)
+    s.claim_next("B-w0", dispatcher="B", lease=30)
     s.add_image(job.id, "alice", "partial.png", "", 1, 0)
-    s.close()  # the process dies with the jobs running
+    s.close()  # API process A dies with its job running; B lives on
 
-    s = opener()
-    assert s.recover("hostA-") == (1, 0)  # only this host's workers
+    s = opener()  # a new API process starts: it touches no live lease
+    assert s.expire_leases() == (0, 0)
+    assert s.get(job.id).status is JobStatus.RUNNING and s.get(other.id).status is JobStatus.RUNNING
+    assert s.renew_leases("B", [other.id], lease=60) == {other.id}  # B keeps renewing
+    assert s.renew_leases("B", [job.id], lease=30) == set()  # not B's job
+
+    later = time.time() + 31  # A's lease lapses
+    assert s.expire_leases(now=later) == (1, 0)
     j = s.get(job.id)
-    assert j.status is JobStatus.QUEUED and j.worker is None and j.attempts == 1 and j.started_at is None
+    assert j.status is JobStatus.QUEUED and j.worker is None and j.dispatcher is None and j.attempts == 1
+    assert j.failures == 1 and j.started_at is None
     assert s.list_images("alice") == []  # the partial result is gone
     assert s.get(other.id).status is JobStatus.RUNNING
     assert s.position(job.id) == 0
-    assert s.claim_next("hostA-w0").id == job.id
-    s.close()  # dies again
+    again = s.claim_next("C-w0", dispatcher="C", lease=30)
+    assert again.id == job.id and again.attempts == 2
 
-    s = opener()
-    assert s.recover(max_attempts=2) == (1, 1)  # other: re-queued; job: second crash -> failed
+    # The second lost run fails the job (max_attempts=2), naming the reason.
+    assert s.expire_leases(max_attempts=2, now=time.time() + 3600) == (1, 1)  # other: re-queued; job: failed
     j = s.get(job.id)
-    assert j.status is JobStatus.FAILED and j.error == "the server stopped while this job ran (2 attempts)"
-    assert j.finished_at is not None
-    assert s.get(other.id).status is JobStatus.QUEUED
+    assert j.status is JobStatus.FAILED and "stopped answering (2 attempts)" in j.error and j.finished_at is not None
 
     # A job whose cancel was requested is canceled, not run again.
-    assert s.claim_next("w").id == other.id
+    assert s.claim_next("w", dispatcher="C").id == other.id
     s.request_cancel(other.id)
-    assert s.recover() == (0, 0) and s.get(other.id).status is JobStatus.CANCELED
+    assert s.expire_leases(now=time.time() + 3600) == (0, 0) and s.get(other.id).status is JobStatus.CANCELED
+
+
+def test_attempt_fencing(store: Store) -> None:
+    from muralist.service.store import NewImage
+
+    job = store.submit("alice", "txt2img", {})
+    first = store.claim_next("w1", dispatcher="A")
+    assert first.attempts == 1
+    assert store.requeue(job.id, 1, "worker w1 died") == "queued"
+    assert store.requeue(job.id, 1, "worker w1 died") is None  # already dealt with
+    second = store.claim_next("w2", dispatcher="A")
+    assert second.attempts == 2 and second.failures == 1
+    # The presumed-dead first run delivers late: dropped, its files are the caller's to delete.
+    late = [NewImage("outputs/late.png", "alice", "", 1, 0)]
+    assert store.finish(job.id, {"images": ["late"]}, attempt=1, images=late) == ["outputs/late.png"]
+    assert store.fail(job.id, "late failure", attempt=1) == [] and store.get(job.id).status is JobStatus.RUNNING
+    good = [NewImage("outputs/good.png", "alice", "text", 7, 0)]
+    assert store.finish(job.id, {"images": [good[0].id]}, attempt=2, images=good) == []
+    j = store.get(job.id)
+    assert j.status is JobStatus.SUCCEEDED and [i.path for i in store.list_images("alice")] == ["outputs/good.png"]
+    assert store.get_image(good[0].id).infotext == "text"
+
+
+def test_graceful_requeue_does_not_count_as_a_failure(store: Store) -> None:
+    job = store.submit("alice", "txt2img", {})
+    for attempt in (1, 2, 3):
+        assert store.claim_next("w", dispatcher="A").attempts == attempt
+        assert store.requeue(job.id, attempt, "server stopping", max_attempts=2, failure=False) == "queued"
+    assert store.get(job.id).failures == 0
+    store.claim_next("w", dispatcher="A")
+    assert store.requeue(job.id, 4, "worker died", max_attempts=1) == "failed"
+
+
+def test_claim_only_jobs_the_worker_can_load(store: Store) -> None:
+    a = store.submit("alice", "txt2img", {}, model_key="A")
+    b = store.submit("bob", "txt2img", {}, model_key="B")
+    plain = store.submit("carol", "extras", {})
+    assert store.claim_next("w", available={"B"}).id == b.id
+    assert store.claim_next("w", available=set()).id == plain.id
+    assert store.claim_next("w", available={"B"}) is None  # A waits for a worker that has it
+    assert store.claim_next("w", available=None).id == a.id
+
+
+def test_controls_and_events_between_processes(opener: Opener) -> None:
+    s1, s2 = opener(), opener()
+    s1.ensure_user("alice")
+    job = s1.submit("alice", "txt2img", {})
+    s1.claim_next("w", dispatcher="A")
+    assert s2.request_skip(job.id) and s2.request_cancel(job.id).cancel_requested
+    assert s1.running_controls("A") == [(job.id, 1, True, 1)] and s1.running_controls("B") == []
+    last, _ = s2.events_since(None, "B")
+    s1.add_events("A", [{"type": "progress", "job_id": job.id, "owner": "alice", "step": 1}])
+    s2.add_events("B", [{"type": "progress", "job_id": job.id, "owner": "alice", "step": 2}])
+    last2, events = s2.events_since(last, "B")
+    assert [e["step"] for e in events] == [1] and last2 > last  # its own events are not relayed back
+    assert s1.events_since(last2, "A") == (last2, [])
+    assert s1.prune_events(time.time() + 1) == 2
 
 
 def test_migrations(opener: Opener) -> None:

@@ -249,6 +249,11 @@ def test_admin_page_manages_users_only_for_admins(site, browser) -> None:
     key = page.inner_text("#admin-key").split(": ")[-1].strip()
     assert service.store.user_by_key(key).name == "carol"
     page.wait_for_selector("#admin-users li[data-name=carol]")
+    # The server's worker, as the dispatcher sees it (GET /api/v1/admin/workers).
+    page.wait_for_selector("#admin-workers tbody tr[data-state=idle]")
+    workers = httpx.get(url + "/api/v1/admin/workers", headers={"Authorization": f"Bearer {root_key}"}).json()
+    assert page.inner_text("#admin-workers tbody tr td") == workers[0]["name"] and workers[0]["device"] == "cpu"
+    assert httpx.get(url + "/api/v1/admin/workers", headers={"Authorization": f"Bearer {keys['bob']}"}).status_code == 403
     shot(page, "admin")
 
 

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import re
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..infotext import save_png
-from ..models.loader import LoadedModel, load_checkpoint, load_vae, pick_device
+from ..models.loader import LoadedModel, load_checkpoint, load_vae
+from ..models.manager import ModelManager, file_bytes
 from ..models.registry import CheckpointInfo, ModelRegistry, VaeInfo
 from ..networks.lora import LoraRegistry
 from ..paths import DataDirs
@@ -74,88 +75,86 @@ def embedding_widths(model: LoadedModel) -> dict[str, int]:
 
 
 class ModelCache:
-    """Loaded checkpoints and VAEs within a count and a memory budget, least recently used evicted first.
+    """Loaded checkpoints and VAEs, a facade over the worker's ``ModelManager``.
 
-    A model in use by a job is pinned: it is never evicted under that job. Keyed by file path and
-    content hash, so a replaced file is never served from a stale entry. Two jobs asking for the
-    same unloaded model wait for one load.
+    ``max_models``/``max_vaes`` cap the counts of each; ``max_bytes`` is the manager's budget,
+    shared with every other kind of model (upscalers, face restorers, BLIP). A model in use by a
+    job is pinned: it is never evicted under that job. Keyed by file path and content hash, so a
+    replaced file is never served from a stale entry. Two jobs asking for the same unloaded model
+    wait for one load.
     """
 
-    def __init__(self, max_models: int = 1, max_vaes: int = 2, device: str | None = None, max_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        max_models: int = 1,
+        max_vaes: int = 2,
+        device: str | None = None,
+        max_bytes: int | None = None,
+        manager: ModelManager | None = None,
+    ) -> None:
+        if manager is None:
+            manager = ModelManager(device, max_bytes)
+        elif max_bytes is not None:
+            manager.max_bytes = max_bytes
+        self.manager = manager
         self.max_models = max_models
         self.max_vaes = max_vaes
-        self.max_bytes = max_bytes
-        self.device, _ = pick_device(device)
-        self._models: OrderedDict[tuple[str, str], LoadedModel] = OrderedDict()
-        self._pins: dict[tuple[str, str], int] = {}
-        self._loading: dict[tuple[str, str], threading.Lock] = {}
-        self._vaes: OrderedDict[tuple[str, str, str], Any] = OrderedDict()
-        self._lock = threading.Lock()
+
+    # The limits live in the manager, so changing them here changes what it enforces.
+    @property
+    def device(self) -> torch.device:
+        return self.manager.device
+
+    @property
+    def max_models(self) -> int:
+        return self.manager.max_count["checkpoint"]
+
+    @max_models.setter
+    def max_models(self, value: int) -> None:
+        self.manager.max_count["checkpoint"] = value
+
+    @property
+    def max_vaes(self) -> int:
+        return self.manager.max_count["vae"]
+
+    @max_vaes.setter
+    def max_vaes(self, value: int) -> None:
+        self.manager.max_count["vae"] = value
+
+    @property
+    def max_bytes(self) -> int | None:
+        return self.manager.max_bytes
+
+    @max_bytes.setter
+    def max_bytes(self, value: int | None) -> None:
+        self.manager.max_bytes = value
+
+    def _checkpoint(self, info: CheckpointInfo) -> tuple[tuple[str, str], Callable[[], LoadedModel], int, str]:
+        def load() -> LoadedModel:
+            return load_checkpoint(info.path, info.kind, info.prediction_type, str(self.device))
+
+        return (str(info.path), info.sha256), load, file_bytes(info.path), info.title
 
     def model(self, info: CheckpointInfo) -> LoadedModel:
         """The loaded model (not pinned: use ``use()`` while running a job on it)."""
-        key = (str(info.path), info.sha256)
-        with self._lock:
-            if key in self._models:
-                self._models.move_to_end(key)
-                return self._models[key]
-            gate = self._loading.setdefault(key, threading.Lock())
-        with gate:
-            with self._lock:
-                if key in self._models:
-                    return self._models[key]
-            loaded = load_checkpoint(info.path, info.kind, info.prediction_type, str(self.device))
-            with self._lock:
-                self._models[key] = loaded
-                self._loading.pop(key, None)
-                self._evict(keep=key)
-        return loaded
+        key, load, estimate, label = self._checkpoint(info)
+        return self.manager.get("checkpoint", key, load, estimate, label)
 
     @contextlib.contextmanager
     def use(self, info: CheckpointInfo) -> Iterator[LoadedModel]:
         """The loaded model, pinned for the duration of the block."""
-        key = (str(info.path), info.sha256)
-        with self._lock:
-            self._pins[key] = self._pins.get(key, 0) + 1
-        try:
-            yield self.model(info)
-        finally:
-            with self._lock:
-                self._pins[key] -= 1
-                if not self._pins[key]:
-                    del self._pins[key]
-                self._evict()
-
-    def _evict(self, keep: tuple[str, str] | None = None) -> None:
-        def over() -> bool:
-            if len(self._models) > self.max_models:
-                return True
-            if self.max_bytes is None:
-                return False
-            return sum(m.parameters_bytes() for m in self._models.values()) > self.max_bytes
-
-        for key in list(self._models):  # oldest first
-            if not over():
-                break
-            if key != keep and not self._pins.get(key):
-                del self._models[key]
+        key, load, estimate, label = self._checkpoint(info)
+        with self.manager.use("checkpoint", key, load, estimate, label) as model:
+            yield model
 
     def vae(self, info: VaeInfo, model: LoadedModel) -> Any:
         key = (str(info.path), info.sha256, model.family.value)
-        with self._lock:
-            if key in self._vaes:
-                self._vaes.move_to_end(key)
-                return self._vaes[key]
-        vae = load_vae(info.path, model.family, model.device)
-        with self._lock:
-            self._vaes[key] = vae
-            while len(self._vaes) > self.max_vaes:
-                self._vaes.popitem(last=False)
-        return vae
+        return self.manager.get("vae", key, lambda: load_vae(info.path, model.family, model.device),
+                                file_bytes(info.path), info.name)
 
     def loaded(self) -> list[tuple[str, str]]:
-        with self._lock:
-            return list(self._models)
+        """``(path, sha256)`` of the loaded checkpoints, least recently used first."""
+        return [key for _kind, key in self.manager.loaded("checkpoint")]  # type: ignore[misc]
 
 
 class Engine:
@@ -173,11 +172,15 @@ class Engine:
         self.cache = cache or ModelCache(device=device)
         self.loras = LoraRegistry(self.dirs, self.registry.cache)
         self.embeddings = EmbeddingRegistry(self.dirs, self.registry.cache)
+        from ..interrogate import Interrogator
         from ..upscale.faces import FaceRestorers
         from ..upscale.upscalers import UpscalerRegistry
 
-        self.upscalers = UpscalerRegistry(self.dirs)
-        self.faces = FaceRestorers(self.dirs, device=str(self.cache.device))
+        # Every kind of model shares the cache's manager: one budget for the whole worker.
+        manager = self.cache.manager
+        self.upscalers = UpscalerRegistry(self.dirs, manager=manager)
+        self.faces = FaceRestorers(self.dirs, device=str(self.cache.device), manager=manager)
+        self.interrogator = Interrogator(self.dirs, manager=manager)
 
     @property
     def styles_file(self) -> Path:

@@ -152,7 +152,7 @@ def create_app(service: Service, auth: AuthConfig | None = None, cors_origins: l
 
     @app.get("/api/v1/health")
     def health() -> dict[str, Any]:
-        return {"status": "ok", "version": __version__}
+        return {"status": "ok", "version": __version__, "instance": service.instance}
 
     @app.post("/api/v1/jobs", status_code=202)
     def submit(body: JobIn, user: User = Depends(current_user)) -> dict[str, Any]:
@@ -243,7 +243,12 @@ def create_app(service: Service, auth: AuthConfig | None = None, cors_origins: l
     def admin_status(user: User = Depends(admin)) -> dict[str, Any]:
         running = service.store.list_jobs(None, [JobStatus.RUNNING])
         return {"running": [job_view(service, j) for j in running], "queued": service.store.queue_counts(),
-                "loaded_models": service.loaded_models()}
+                "loaded_models": service.loaded_models(), "workers": service.workers()}
+
+    @app.get("/api/v1/admin/workers")
+    def admin_workers(user: User = Depends(admin)) -> list[dict[str, Any]]:
+        """Every worker this API process dispatches to: where it runs, what it does and holds."""
+        return service.workers()
 
     @app.get("/api/v1/jobs/{job_id}/events")
     async def job_events(job_id: str, request: Request, user: User = Depends(current_user)) -> StreamingResponse:
@@ -278,7 +283,7 @@ def create_app(service: Service, auth: AuthConfig | None = None, cors_origins: l
             "vaes": [{"name": v.name, "hash": v.shorthash} for v in reg.vaes()],
             "loras": [{"name": lo.name, "alias": lo.alias, "hash": lo.shorthash} for lo in service.engine.loras.all()],
             "embeddings": sorted(service.engine.embeddings.all()),
-            "loaded": [sha for _p, sha in service.engine.cache.loaded()],
+            "loaded": sorted(service.loaded_keys()),
             "upscalers": [u.name for u in service.engine.upscalers.list()],
         }
 
@@ -350,6 +355,9 @@ def jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
+_END_EVENTS = {JobStatus.SUCCEEDED: "finished", JobStatus.FAILED: "failed", JobStatus.CANCELED: "canceled"}
+
+
 def _sse(service: Service, request: Request, owner: str | None, job_id: str | None) -> StreamingResponse:
     key, sub = service.hub.subscribe(owner, job_id)
 
@@ -370,6 +378,13 @@ def _sse(service: Service, request: Request, owner: str | None, job_id: str | No
                 try:
                     ev = await asyncio.wait_for(sub.queue.get(), timeout=1.0)
                 except TimeoutError:
+                    if job_id is not None:  # ended in another API process whose event did not reach us
+                        job = service.store.get(job_id)
+                        if job is not None and job.status.finished:
+                            end = {"type": _END_EVENTS[job.status], "owner": job.owner, "job_id": job.id,
+                                   "images": (job.result or {}).get("images", []), "error": job.error}
+                            yield f"event: {end['type']}\ndata: {json.dumps(end)}\n\n".encode()
+                            return
                     if time.monotonic() - last > 15:
                         last = time.monotonic()
                         yield b": keep-alive\n\n"

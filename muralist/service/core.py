@@ -1,27 +1,24 @@
-"""The job service: validates and queues requests, runs workers, tracks live progress.
+"""The job service: validates and queues requests, tracks live progress, owns the dispatcher.
 
 Entry points (native API, A1111 API, web UI) call ``Service.submit`` with the caller's user and
-the same request model the CLI builds; workers take jobs from the persistent store in fair order
-and run them on the engine. Interrupt/skip/progress are per job, never global.
+the same request model the CLI builds; the dispatcher (``dispatcher.py``) takes jobs from the
+persistent store in fair order and runs them on workers, in this process or on a Ray cluster.
+Interrupt/skip/progress are per job, never global.
 """
 
 from __future__ import annotations
 
-import base64
-import io
 import logging
 import threading
 import time
-import traceback
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from ..errors import InvalidRequestError, MuralistError
+from ..errors import InvalidRequestError
 from ..paths import DataDirs
 from ..request import GenerationRequest, parse_request
-from .events import EventHub
+from .events import EventHub, EventRelay
 from .store import Job, JobStatus, LimitError, Store, User
 
 log = logging.getLogger("muralist.service")
@@ -59,7 +56,7 @@ class Live:
     started: float = field(default_factory=time.time)
     preview: str | None = None  # base64 PNG
     preview_id: int = 0
-    control: Any = None  # the job's JobControl
+    worker: str | None = None
 
 
 @dataclass
@@ -73,6 +70,12 @@ class Settings:
     affinity_lookahead: int = 4
     affinity_max_wait: float = 60.0
     keep_days: float | None = 30.0  # finished jobs and their images are pruned after this; None: keep all
+    devices: list[str] | None = None  # local workers' devices (default: ``device`` for each of ``workers``)
+    cluster: str | None = None  # HOST:PORT of a Ray cluster whose worker actors run the jobs
+    lease_seconds: float = 30.0  # a running job's lease; renewed by its dispatcher, re-queued once lapsed
+    stall_timeout: float = 300.0  # seconds without any event (step) from a worker before it is killed
+    max_attempts: int = 2  # lost runs (worker died or stalled) after which a job fails
+    grace: float = 10.0  # on stop, seconds running jobs get to finish before they are re-queued
 
 
 class Service:
@@ -84,13 +87,10 @@ class Service:
         self.live: dict[str, Live] = {}
         self._engine: Any = None
         self._engine_lock = threading.Lock()
-        self._wake = threading.Condition()
         self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
         self.instance = uuid.uuid4().hex[:8]
-        from ..interrogate import Interrogator
-
-        self.interrogator = Interrogator(dirs)
+        self.dispatcher: Any = None
+        self.relay = EventRelay(store, self.instance, lambda ev: self.publish(ev, relay=False))
         self._counts: dict[str, int] = {}
         self._counts_at = 0.0
 
@@ -110,28 +110,83 @@ class Service:
     # ------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
-        requeued, failed = self.store.recover()
-        if requeued or failed:
-            log.warning("recovered jobs interrupted by a stop: %d re-queued, %d failed", requeued, failed)
+        """Start the dispatcher and its workers. Nothing already running is touched: jobs of a
+        process that died are re-queued when their leases lapse, by whichever dispatcher sees it."""
+        from ..workers.local import LocalHandle
+
         # Import torch/diffusers and scan the model folders in the background, so the port opens
         # at once and the first request does not pay for it.
         threading.Thread(target=lambda: self.engine.registry.checkpoints(), daemon=True, name="muralist-warmup").start()
         if self.settings.keep_days is not None:
             threading.Thread(target=self._maintenance, daemon=True, name="muralist-prune").start()
-        for i in range(self.settings.workers):
-            t = threading.Thread(target=self._worker, args=(f"{self.instance}-w{i}",), daemon=True, name=f"muralist-worker-{i}")
-            t.start()
-            self._threads.append(t)
+        if self.settings.cluster:
+            from ..workers.ray_cluster import RayDiscovery
 
-    def stop(self, timeout: float = 10.0) -> None:
+            discover: Any = RayDiscovery(self.settings.cluster)
+        else:
+            handles = [LocalHandle(w) for w in self._local_workers()]
+            discover = lambda: handles  # noqa: E731
+        from .dispatcher import Dispatcher
+
+        self.dispatcher = Dispatcher(self, discover, self.instance)
+        self.relay.start()
+        self.dispatcher.start()
+
+    def _local_workers(self) -> list[Any]:
+        """In-process workers: one engine (one model manager) per device, shared by that device's workers."""
+        import socket
+
+        from ..workers.worker import Worker
+
+        devices = self.settings.devices or [self.settings.device] * self.settings.workers
+        engines: dict[str | None, Any] = {}
+        workers = []
+        for i, device in enumerate(devices):
+            if device not in engines:
+                engines[device] = self.engine if device == self.settings.device else self._engine_for(device)
+            # Same folders as the API, which validated the job: no need to report what they hold.
+            workers.append(Worker(f"{socket.gethostname()}-{self.instance}-w{i}", engine=engines[device],
+                                  preview_every=self.settings.preview_every, report_available=False))
+        return workers
+
+    def _engine_for(self, device: str | None) -> Any:
+        from ..engine.engine import Engine, ModelCache
+
+        cache = ModelCache(max_models=self.settings.max_loaded_models, device=device, max_bytes=self.settings.max_model_bytes)
+        return Engine(self.dirs, registry=self.engine.registry, cache=cache)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Graceful stop: running jobs get ``settings.grace`` seconds to finish, the rest are
+        re-queued (never canceled); queued jobs stay queued."""
         self._stop.set()
-        for live in list(self.live.values()):
-            if live.control is not None:
-                live.control.interrupt()
-        with self._wake:
-            self._wake.notify_all()
-        for t in self._threads:
-            t.join(timeout)
+        if self.dispatcher is not None:
+            self.dispatcher.stop(self.settings.grace if timeout is None else timeout)
+        self.relay.stop()
+
+    def wake(self) -> None:
+        if self.dispatcher is not None:
+            self.dispatcher.wake()
+
+    def publish(self, event: dict[str, Any], relay: bool = True) -> None:
+        """Apply a job event to the live state and send it to subscribers (and, for events of this
+        process, to the other API processes)."""
+        kind, job_id = event["type"], event["job_id"]
+        if kind == "started":
+            self.live[job_id] = Live(job_id, event["owner"], steps=event.get("steps", 0), n_iter=event.get("n_iter", 1),
+                                     worker=event.get("worker"))
+        elif kind == "progress":
+            live = self.live.get(job_id)
+            if live is not None:
+                live.step, live.steps, live.batch, live.n_iter = event["step"], event["steps"], event["batch"], event["n_iter"]
+                live.fraction, live.eta = event["progress"], event["eta"]
+                if event.get("preview"):
+                    live.preview = event["preview"]
+                    live.preview_id += 1
+        elif kind in ("finished", "failed", "canceled", "requeued"):
+            self.live.pop(job_id, None)
+        self.hub.publish(event)
+        if relay:
+            self.relay.send(event)
 
     # ------------------------------------------------------------- requests
 
@@ -182,7 +237,7 @@ class Service:
             if not params.get("image"):
                 raise InvalidRequestError("image: a base64 image is required")
             decode_image(params["image"])
-            self.interrogator.model_dir()  # no captioning model: say so now, not when the job runs
+            self.engine.interrogator.model_dir()  # no captioning model: say so now, not when the job runs
             return self._enqueue(user, job_type, {"image": params["image"]}, priority, job_id)
         if job_type == "extras":
             from ..engine.images import decode_image
@@ -203,18 +258,18 @@ class Service:
         limits = self.settings.limits.merged(user.limits)
         job = self.store.submit(user.name, job_type, params, priority=priority, model_key=model_key, job_id=job_id,
                                 max_queued=limits.max_queued)
-        self.hub.publish({"type": "queued", "owner": job.owner, "job_id": job.id, "position": self.store.position(job.id)})
-        with self._wake:
-            self._wake.notify()
+        self.publish({"type": "queued", "owner": job.owner, "job_id": job.id, "position": self.store.position(job.id)})
+        self.wake()
         return job
 
     def cancel(self, job: Job) -> Job:
+        """Cancel a queued job at once; a running one is interrupted wherever it runs (its own
+        dispatcher delivers the request, also when another API process runs it)."""
         updated = self.store.request_cancel(job.id) or job
-        live = self.live.get(job.id)
-        if live is not None and live.control is not None:
-            live.control.interrupt()
+        if self.dispatcher is not None:
+            self.dispatcher.interrupt(job.id)
         if updated.status is JobStatus.CANCELED:
-            self.hub.publish({"type": "canceled", "owner": job.owner, "job_id": job.id})
+            self.publish({"type": "canceled", "owner": job.owner, "job_id": job.id})
         return updated
 
     def queued_count(self, owner: str, max_age: float = 0.5) -> int:
@@ -226,96 +281,32 @@ class Service:
         return self._counts.get(owner, 0)
 
     def skip(self, job: Job) -> bool:
-        live = self.live.get(job.id)
-        if live is None or live.control is None:
+        """Skip the running job's current image batch (A1111's skip); False if it is not running."""
+        if not self.store.request_skip(job.id):
             return False
-        live.control.skip()
+        if self.dispatcher is not None:
+            self.dispatcher.skip(job.id)
         return True
 
     # ------------------------------------------------------------- workers
 
+    def loaded_keys(self) -> set[str]:
+        """sha256 of the checkpoints the workers hold."""
+        return self.dispatcher.loaded_keys() if self.dispatcher is not None else set()
+
     def loaded_models(self) -> list[str]:
-        """Titles of the checkpoints in the model cache (none before the engine has started)."""
-        keys = self._loaded_keys()
-        return [c.title for c in self._engine.registry.checkpoints() if c.sha256 in keys] if keys else []
+        """Titles of the checkpoints the workers hold."""
+        keys = self.loaded_keys()
+        return [c.title for c in self.engine.registry.checkpoints() if c.sha256 in keys] if keys else []
 
-    def _loaded_keys(self) -> set[str]:
-        if self._engine is None:
-            return set()
-        return {sha for _path, sha in self._engine.cache.loaded()}
-
-    def _worker(self, name: str) -> None:
-        while not self._stop.is_set():
-            try:
-                job = self.store.claim_next(
-                    name, self._loaded_keys(), self.settings.affinity_lookahead, self.settings.affinity_max_wait
-                )
-            except Exception:
-                log.exception("claiming a job failed")
-                job = None
-            if job is None:
-                with self._wake:
-                    self._wake.wait(timeout=1.0)
-                continue
-            self._run(job)
-
-    def _run(self, job: Job) -> None:
-        from ..engine.txt2img import Interrupted, JobControl
-
-        control = JobControl()
-        live = Live(job.id, job.owner, steps=int(job.params.get("steps", 0)), n_iter=int(job.params.get("n_iter", 1)), control=control)
-        self.live[job.id] = live
-        self.hub.publish({"type": "started", "owner": job.owner, "job_id": job.id})
-        try:
-            if job.cancel_requested:
-                control.interrupt()
-            out_dir = self.dirs.outputs_dir / job.owner / f"{job.type}-images" / time.strftime("%Y-%m-%d")
-            if job.type == "interrogate":
-                from ..engine.images import decode_image
-
-                caption = self.interrogator.caption(decode_image(job.params["image"]))
-                self.store.finish(job.id, {"caption": caption, "images": [], "infotexts": [], "seeds": [], "warnings": []})
-                self.hub.publish({"type": "finished", "owner": job.owner, "job_id": job.id, "images": [], "warnings": []})
-                return
-            if job.type == "extras":
-                saved = self._run_extras(job, out_dir)
-            else:
-                req = GenerationRequest.model_validate(job.params)
-                saved = self.engine.generate(req, control=control, progress=lambda p: self._progress(live, p), save_to=out_dir)
-            images = []
-            for i, (path, text, seed) in enumerate(zip(saved.paths, saved.result.infotexts, saved.result.seeds, strict=True)):
-                rel = str(Path(path).resolve().relative_to(self.dirs.root))
-                images.append(self.store.add_image(job.id, job.owner, rel, text, seed, i).id)
-            result = {
-                "images": images,
-                "infotexts": saved.result.infotexts,
-                "seeds": saved.result.seeds,
-                "subseeds": saved.result.subseeds,
-                "warnings": saved.result.warnings,
-                "model": saved.model.title if saved.model else None,
-            }
-            self._discard(self.store.finish(job.id, result))  # canceled meanwhile: its images go
-            self.hub.publish({"type": "finished", "owner": job.owner, "job_id": job.id, "images": images, "warnings": saved.result.warnings})
-        except Interrupted:
-            self._discard(self.store.mark_canceled(job.id))
-            self.hub.publish({"type": "canceled", "owner": job.owner, "job_id": job.id})
-        except MuralistError as e:
-            self._discard(self.store.fail(job.id, str(e)))
-            self.hub.publish({"type": "failed", "owner": job.owner, "job_id": job.id, "error": str(e)})
-        except Exception as e:  # a bug or an out-of-memory: the job fails, the worker lives on
-            log.error("job %s failed:\n%s", job.id, traceback.format_exc())
-            self._discard(self.store.fail(job.id, f"internal error: {type(e).__name__}: {e}"))
-            self.hub.publish({"type": "failed", "owner": job.owner, "job_id": job.id, "error": "internal error"})
-        finally:
-            self.live.pop(job.id, None)
-            with self._wake:
-                self._wake.notify_all()
+    def workers(self) -> list[dict[str, Any]]:
+        return self.dispatcher.workers() if self.dispatcher is not None else []
 
     def prune(self) -> int:
         """Delete finished jobs older than ``keep_days``, with their image files."""
         assert self.settings.keep_days is not None
         count, paths = self.store.prune(time.time() - self.settings.keep_days * 86400)
-        self._discard(paths)
+        self.discard(paths)
         return count
 
     def _maintenance(self) -> None:
@@ -327,70 +318,10 @@ class Service:
                 log.exception("pruning history failed")
             self._stop.wait(3600)
 
-    def _run_extras(self, job: Job, out_dir: Path) -> Any:
-        from types import SimpleNamespace
-
-        from ..engine.engine import next_sequence_number
-        from ..engine.images import decode_image
-        from ..infotext import read_infotext, save_png
-        from ..upscale.extras import ExtrasRequest, run_extras
-
-        req = ExtrasRequest.model_validate(job.params)
-        paths, texts = [], []
-        number = next_sequence_number(out_dir)
-        for i, data in enumerate(req.images):
-            src = decode_image(data, f"image[{i}]")
-            image, info = run_extras(self.engine, req, src)
-            # A1111 keeps the source's generation parameters intact in the PNG; the postprocessing
-            # description is what the API returns (its html_info).
-            previous = read_infotext(src)
-            paths.append(save_png(image, out_dir / f"{number + i:05d}.png", previous or info))
-            texts.append(info)
-        result = SimpleNamespace(infotexts=texts, seeds=[-1] * len(paths), subseeds=[-1] * len(paths), warnings=[])
-        return SimpleNamespace(paths=paths, result=result, model=None)
-
-    def _discard(self, paths: list[str]) -> None:
+    def discard(self, paths: list[str]) -> None:
         """Delete the files of images a canceled or failed job no longer keeps."""
         for rel in paths:
             (self.dirs.root / rel).unlink(missing_ok=True)
-
-    def _progress(self, live: Live, p: Any) -> None:
-        live.step, live.steps, live.batch, live.n_iter = p.step, p.steps, p.batch, p.n_iter
-        live.fraction, live.eta = p.fraction, p.eta_seconds
-        event = {
-            "type": "progress",
-            "owner": live.owner,
-            "job_id": live.job_id,
-            "step": p.step,
-            "steps": p.steps,
-            "batch": p.batch,
-            "n_iter": p.n_iter,
-            "progress": round(p.fraction, 4),
-            "eta": None if p.eta_seconds is None else round(p.eta_seconds, 2),
-        }
-        every = self.settings.preview_every
-        if every and p.latents is not None and (p.step % every == 0 or p.step == p.steps):
-            live.preview = preview_png(p.latents)
-            live.preview_id += 1
-            event["preview"] = live.preview
-        self.hub.publish(event)
-
-
-# SD1/SD2 latent -> RGB approximation (a linear map), cheap enough for every few steps.
-_LATENT_RGB = ((0.3512, 0.2297, 0.3227), (0.3250, 0.4974, 0.2350), (-0.2829, 0.1762, 0.2721), (-0.2120, -0.2616, -0.7177))
-
-
-def preview_png(latents: Any) -> str:
-    """A base64 PNG of the first image's latents (no VAE decode: it must not slow sampling)."""
-    import torch
-    from PIL import Image
-
-    lat = latents[0].float().cpu()
-    rgb = torch.einsum("chw,cr->hwr", lat, torch.tensor(_LATENT_RGB))
-    arr = ((rgb + 1) / 2).clamp(0, 1).mul(255).byte().numpy()
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
 
 
 __all__ = ["Service", "Settings", "Limits", "LimitError", "Live"]

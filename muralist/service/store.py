@@ -55,6 +55,10 @@ class Job:
     cancel_requested: bool = False  # set while running; the worker interrupts it
     result: dict[str, Any] | None = None  # {"images": [image ids], "infotexts": [...], "seeds": [...], "warnings": [...]}
     error: str | None = None
+    dispatcher: str | None = None  # the API process whose dispatcher runs it (it renews the lease)
+    lease_until: float | None = None  # unix time; a running job whose lease lapsed is re-queued by any dispatcher
+    failures: int = 0  # runs lost to a dead or stalled worker (a graceful stop does not count)
+    skip_count: int = 0  # skip requests so far; dispatchers deliver new ones to the worker
 
 
 @dataclass
@@ -80,6 +84,18 @@ class ImageRecord:
     created_at: float = 0.0
 
 
+@dataclass
+class NewImage:
+    """An image a finishing job records (Store.finish), with its id chosen by the caller."""
+
+    path: str  # relative to the data folder
+    owner: str
+    infotext: str
+    seed: int
+    index: int
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
 class LimitError(MuralistError):
     """A per-user limit (queued jobs, rate) is reached; the message names the limit. HTTP 429."""
 
@@ -90,8 +106,9 @@ class LimitError(MuralistError):
 
 # Ordered migration steps; step N (1-based) brings the schema to version N. Never edit a released
 # step: append a new one. The SQL is written once for both engines (types both accept: TEXT,
-# INTEGER for booleans, BIGINT, DOUBLE PRECISION; JSON as TEXT).
-MIGRATIONS: list[list[str]] = [
+# INTEGER for booleans, BIGINT, DOUBLE PRECISION; JSON as TEXT); where the dialects differ, a step
+# holds {engine name: statement}.
+MIGRATIONS: list[list[str | dict[str, str]]] = [
     [
         """CREATE TABLE users (
             name TEXT PRIMARY KEY,
@@ -136,6 +153,21 @@ MIGRATIONS: list[list[str]] = [
         "CREATE INDEX images_owner ON images (owner, created_at)",
         "CREATE INDEX images_job ON images (job_id)",
     ],
+    # 2: leases and fencing for workers on other machines; events relayed between API processes.
+    [
+        "ALTER TABLE jobs ADD COLUMN dispatcher TEXT",
+        "ALTER TABLE jobs ADD COLUMN lease_until DOUBLE PRECISION",
+        "ALTER TABLE jobs ADD COLUMN failures INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE jobs ADD COLUMN skip_count INTEGER NOT NULL DEFAULT 0",
+        {
+            "sqlite": "CREATE TABLE job_events (id INTEGER PRIMARY KEY AUTOINCREMENT, instance TEXT NOT NULL, "
+                      "payload TEXT NOT NULL, created_at DOUBLE PRECISION NOT NULL)",
+            "postgresql": "CREATE TABLE job_events (id BIGSERIAL PRIMARY KEY, instance TEXT NOT NULL, "
+                          "payload TEXT NOT NULL, created_at DOUBLE PRECISION NOT NULL)",
+        },
+        "CREATE INDEX job_events_time ON job_events (created_at)",
+        "CREATE INDEX jobs_dispatcher ON jobs (dispatcher, status)",
+    ],
 ]
 
 _SCHEMA_VERSION_DDL = (
@@ -157,7 +189,7 @@ SELECT {cols} FROM (
            MIN(j.seq) OVER (PARTITION BY j.owner) AS first_seq,
            MIN(j.created_at) OVER (PARTITION BY j.owner) AS first_at
     FROM jobs j WHERE j.status = 'queued'
-) q LEFT JOIN users u ON u.name = q.owner
+) q LEFT JOIN users u ON u.name = q.owner {where}
 ORDER BY q.round_no,
          CASE WHEN u.last_served_at IS NULL THEN 0 ELSE 1 END, u.last_served_at,
          q.first_at, q.first_seq, q.owner
@@ -386,6 +418,11 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
+def _fence(attempt: int | None) -> tuple[str, tuple[Any, ...]]:
+    """SQL condition (and its argument) accepting a state change only from the current attempt."""
+    return ("", ()) if attempt is None else (" AND attempts = ?", (int(attempt),))
+
+
 def _text(value: str) -> str:
     return value.replace("\x00", "")  # PostgreSQL TEXT refuses NUL; strip it on both engines alike
 
@@ -419,6 +456,10 @@ def _job(row: dict[str, Any]) -> Job:
         cancel_requested=bool(row["cancel_requested"]),
         result=None if row["result"] is None else json.loads(row["result"]),
         error=row["error"],
+        dispatcher=row["dispatcher"],
+        lease_until=row["lease_until"],
+        failures=row["failures"],
+        skip_count=row["skip_count"],
     )
 
 
@@ -508,7 +549,7 @@ class Store:
                 )
             for version in range(current + 1, len(MIGRATIONS) + 1):
                 for statement in MIGRATIONS[version - 1]:
-                    tx.execute(statement)
+                    tx.execute(statement if isinstance(statement, str) else statement[self.backend])
                 tx.execute("INSERT INTO schema_version (version, applied_at) VALUES (?, ?)", (version, time.time()))
 
     def schema_version(self) -> int:
@@ -706,40 +747,160 @@ class Store:
             row = tx.row("SELECT * FROM jobs WHERE id = ?", (job_id,))
         return None if row is None else _job(row)
 
-    def finish(self, job_id: str, result: dict[str, Any]) -> list[str]:
-        """Running -> succeeded with ``result``. If a cancel was requested meanwhile the job becomes
-        canceled instead: its result is discarded and its image records deleted; their paths are
-        returned so the caller can delete the files ([] otherwise, or if the job is not running)."""
+    def finish(self, job_id: str, result: dict[str, Any], attempt: int | None = None,
+               images: Sequence[NewImage] = ()) -> list[str]:
+        """Running -> succeeded with ``result``, recording ``images`` in the same transaction. If a
+        cancel was requested meanwhile the job becomes canceled instead: its result is discarded and
+        its image records deleted; their paths are returned so the caller can delete the files.
+
+        ``attempt`` fences out a superseded run: the job must still be running that attempt (a
+        worker presumed dead whose job was re-queued may still deliver a late result). When the
+        job is not running that attempt nothing changes and the paths of ``images`` are returned,
+        so that the late run's files go and every job keeps exactly one set of images."""
         now = time.time()
+        fence, fence_args = _fence(attempt)
         with self._tx(write=True) as tx:
             if tx.execute(
-                "UPDATE jobs SET status = 'succeeded', finished_at = ?, result = ?, error = NULL "
-                "WHERE id = ? AND status = 'running' AND cancel_requested = 0",
-                (now, _dumps(result), job_id),
+                "UPDATE jobs SET status = 'succeeded', finished_at = ?, result = ?, error = NULL, lease_until = NULL "
+                f"WHERE id = ? AND status = 'running' AND cancel_requested = 0{fence}",
+                (now, _dumps(result), job_id, *fence_args),
             ):
+                for img in images:
+                    tx.execute(
+                        "INSERT INTO images (id, job_id, owner, path, infotext, seed, idx, created_at) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (img.id, job_id, img.owner, img.path, _text(img.infotext), int(img.seed), int(img.index), now),
+                    )
                 return []
             if tx.execute(
-                "UPDATE jobs SET status = 'canceled', finished_at = ? WHERE id = ? AND status = 'running'", (now, job_id)
+                f"UPDATE jobs SET status = 'canceled', finished_at = ?, lease_until = NULL WHERE id = ? AND status = 'running'{fence}",
+                (now, job_id, *fence_args),
             ):
-                return self._drop_images(tx, job_id)
-        return []
+                return self._drop_images(tx, job_id) + [img.path for img in images]
+        return [img.path for img in images]
 
-    def fail(self, job_id: str, error: str) -> list[str]:
+    def fail(self, job_id: str, error: str, attempt: int | None = None) -> list[str]:
         """Queued or running -> failed with ``error``; returns the paths of dropped image records."""
-        return self._end(job_id, "failed", _text(error))
+        return self._end(job_id, "failed", _text(error), attempt)
 
-    def mark_canceled(self, job_id: str) -> list[str]:
+    def mark_canceled(self, job_id: str, attempt: int | None = None) -> list[str]:
         """Queued or running -> canceled (after the worker interrupted it); returns dropped image paths."""
-        return self._end(job_id, "canceled", None)
+        return self._end(job_id, "canceled", None, attempt)
 
-    def _end(self, job_id: str, status: str, error: str | None) -> list[str]:
+    def _end(self, job_id: str, status: str, error: str | None, attempt: int | None = None) -> list[str]:
+        fence, fence_args = _fence(attempt)
         with self._tx(write=True) as tx:
             if tx.execute(
-                "UPDATE jobs SET status = ?, finished_at = ?, error = ? WHERE id = ? AND status IN ('queued', 'running')",
-                (status, time.time(), error, job_id),
+                "UPDATE jobs SET status = ?, finished_at = ?, error = ?, lease_until = NULL "
+                f"WHERE id = ? AND status IN ('queued', 'running'){fence}",
+                (status, time.time(), error, job_id, *fence_args),
             ):
                 return self._drop_images(tx, job_id)
         return []
+
+    def requeue(self, job_id: str, attempt: int, reason: str, max_attempts: int = 2, failure: bool = True) -> str | None:
+        """Put running ``attempt`` of a job back in the queue at its old place (its worker died,
+        stalled, or the server is stopping). ``failure``: the run was lost to a fault and counts
+        towards ``max_attempts`` (after which the job fails with ``reason``); a graceful stop does not
+        count. A job whose cancel was requested is canceled instead. Returns the new status, or None
+        when that attempt is no longer running (someone else already dealt with it)."""
+        with self._tx(write=True, lock="queue") as tx:
+            row = tx.row("SELECT * FROM jobs WHERE id = ? AND status = 'running' AND attempts = ?", (job_id, int(attempt)))
+            if row is None:
+                return None
+            return self._requeue_row(tx, row, reason, max_attempts, failure, time.time())
+
+    def _requeue_row(self, tx: _Tx, row: dict[str, Any], reason: str, max_attempts: int, failure: bool, now: float) -> str:
+        self._drop_images(tx, row["id"])
+        failures = row["failures"] + (1 if failure else 0)
+        if row["cancel_requested"]:
+            status, error = "canceled", None
+        elif failures >= max_attempts:
+            status, error = "failed", f"{reason} ({row['attempts']} attempt{'s' if row['attempts'] != 1 else ''})"
+        else:
+            # Keeps created_at, so it goes back to its place near the front of the queue.
+            tx.execute(
+                "UPDATE jobs SET status = 'queued', started_at = NULL, worker = NULL, dispatcher = NULL, "
+                "lease_until = NULL, failures = ?, error = ? WHERE id = ?",
+                (failures, _text(reason), row["id"]),
+            )
+            return "queued"
+        tx.execute(
+            "UPDATE jobs SET status = ?, finished_at = ?, error = ?, failures = ?, lease_until = NULL WHERE id = ?",
+            (status, now, error, failures, row["id"]),
+        )
+        return status
+
+    def renew_leases(self, dispatcher: str, job_ids: Collection[str], lease: float) -> set[str]:
+        """Extend the leases of the jobs this dispatcher is running; returns those it still holds
+        (a job missing from the answer was re-queued or ended by someone else: stop running it)."""
+        if not job_ids:
+            return set()
+        marks = ", ".join("?" * len(job_ids))
+        with self._tx(write=True) as tx:
+            tx.execute(
+                f"UPDATE jobs SET lease_until = ? WHERE dispatcher = ? AND status = 'running' AND id IN ({marks})",
+                (time.time() + lease, dispatcher, *job_ids),
+            )
+            rows = tx.rows(
+                f"SELECT id FROM jobs WHERE dispatcher = ? AND status = 'running' AND id IN ({marks})", (dispatcher, *job_ids)
+            )
+        return {r["id"] for r in rows}
+
+    def expire_leases(self, max_attempts: int = 2, now: float | None = None) -> tuple[int, int]:
+        """Running jobs whose lease lapsed (their API process died or lost its database) are re-queued,
+        or failed after ``max_attempts`` lost runs, or canceled if that was requested. Live jobs of
+        other API processes are never touched: their leases are renewed. Returns (requeued, failed)."""
+        now = time.time() if now is None else now
+        requeued = failed = 0
+        with self._tx(write=True, lock="queue") as tx:
+            rows = tx.rows(
+                "SELECT * FROM jobs WHERE status = 'running' AND (lease_until IS NULL OR lease_until < ?)", (now,)
+            )
+            for row in rows:
+                status = self._requeue_row(tx, row, "the worker running this job stopped answering", max_attempts, True, now)
+                requeued += status == "queued"
+                failed += status == "failed"
+        return requeued, failed
+
+    def running_controls(self, dispatcher: str) -> list[tuple[str, int, bool, int]]:
+        """(job id, attempt, cancel requested, skip count) of the running jobs of one dispatcher:
+        how a cancel or skip made through another API process reaches the worker."""
+        with self._tx() as tx:
+            rows = tx.rows(
+                "SELECT id, attempts, cancel_requested, skip_count FROM jobs WHERE dispatcher = ? AND status = 'running'",
+                (dispatcher,),
+            )
+        return [(r["id"], int(r["attempts"]), bool(r["cancel_requested"]), int(r["skip_count"])) for r in rows]
+
+    def request_skip(self, job_id: str) -> bool:
+        """Count a skip request for a running job (its dispatcher tells the worker); False if not running."""
+        with self._tx(write=True) as tx:
+            return bool(tx.execute("UPDATE jobs SET skip_count = skip_count + 1 WHERE id = ? AND status = 'running'", (job_id,)))
+
+    # ------------------------------------------------------------ events between API processes
+
+    def add_events(self, instance: str, events: Sequence[dict[str, Any]]) -> None:
+        """Record job events so that other API processes can relay them to their own clients."""
+        if not events:
+            return
+        now = time.time()
+        with self._tx(write=True) as tx:
+            for ev in events:
+                tx.execute("INSERT INTO job_events (instance, payload, created_at) VALUES (?, ?, ?)", (instance, _dumps(ev), now))
+
+    def events_since(self, last_id: int | None, instance: str, limit: int = 1000) -> tuple[int, list[dict[str, Any]]]:
+        """Events of other instances after ``last_id`` (None: start at the newest) -> (new last id, events)."""
+        with self._tx() as tx:
+            if last_id is None:
+                return int(tx.value("SELECT COALESCE(MAX(id), 0) FROM job_events")), []
+            rows = tx.rows("SELECT id, instance, payload FROM job_events WHERE id > ? ORDER BY id LIMIT ?", (int(last_id), limit))
+        new_last = rows[-1]["id"] if rows else last_id
+        return int(new_last), [json.loads(r["payload"]) for r in rows if r["instance"] != instance]
+
+    def prune_events(self, before: float) -> int:
+        with self._tx(write=True) as tx:
+            return tx.execute("DELETE FROM job_events WHERE created_at < ?", (before,))
 
     @staticmethod
     def _drop_images(tx: _Tx, job_id: str) -> list[str]:
@@ -756,18 +917,30 @@ class Store:
         lookahead: int = 4,
         affinity_max_wait: float = 60.0,
         now: float | None = None,
+        dispatcher: str | None = None,
+        lease: float = 30.0,
+        available: Collection[str] | None = None,
     ) -> Job | None:
         """Atomically take the next job for ``worker`` and mark it running; None if the queue is empty.
 
         Fair across users (see queue_order), with model affinity: among the first ``lookahead``
         jobs in fair order, one whose model is in ``loaded_models`` goes before a first job that
         would need a model swap, unless that first job has waited over ``affinity_max_wait`` s.
+        ``available``: the checkpoints (sha256) the worker can load; jobs needing another are left
+        for other workers (None: any). The claim counts an attempt and holds a lease of ``lease``
+        seconds for ``dispatcher``, which must renew it while the job runs.
         ``now`` (for tests) stands for the current time in every timestamp this call writes.
         """
         now = time.time() if now is None else now
+        where, args = "", ()
+        if available is not None:
+            keys = sorted(available)
+            where = "WHERE q.model_key IS NULL" + (f" OR q.model_key IN ({', '.join('?' * len(keys))})" if keys else "")
+            args = tuple(keys)
         with self._tx(write=True, lock="queue") as tx:
             while True:
-                candidates = tx.rows(_FAIR_ORDER_SQL.format(cols="q.*") + " LIMIT ?", (max(1, int(lookahead)),))
+                candidates = tx.rows(_FAIR_ORDER_SQL.format(cols="q.*", where=where) + " LIMIT ?",
+                                     (*args, max(1, int(lookahead))))
                 if not candidates:
                     return None
                 chosen = _pick(candidates, loaded_models, affinity_max_wait, now)
@@ -775,8 +948,8 @@ class Store:
                 # may have canceled it since our SELECT; then pick again.
                 if tx.execute(
                     "UPDATE jobs SET status = 'running', attempts = attempts + 1, started_at = ?, worker = ?, "
-                    "cancel_requested = 0 WHERE id = ? AND status = 'queued'",
-                    (now, worker, chosen["id"]),
+                    "cancel_requested = 0, dispatcher = ?, lease_until = ? WHERE id = ? AND status = 'queued'",
+                    (now, worker, dispatcher, now + lease, chosen["id"]),
                 ):
                     break
             # Strictly later than anyone served before, so the served user goes to the back even
@@ -792,9 +965,9 @@ class Store:
         """Queued jobs in the order they will be claimed, ignoring model affinity."""
         with self._tx() as tx:
             if limit is None:
-                rows = tx.rows(_FAIR_ORDER_SQL.format(cols="q.*"))
+                rows = tx.rows(_FAIR_ORDER_SQL.format(cols="q.*", where=""))
             else:
-                rows = tx.rows(_FAIR_ORDER_SQL.format(cols="q.*") + " LIMIT ?", (max(0, int(limit)),))
+                rows = tx.rows(_FAIR_ORDER_SQL.format(cols="q.*", where="") + " LIMIT ?", (max(0, int(limit)),))
         return [_job(r) for r in rows]
 
     def position(self, job_id: str) -> int | None:
@@ -802,7 +975,7 @@ class Store:
         with self._tx() as tx:
             if tx.value("SELECT status FROM jobs WHERE id = ?", (job_id,)) != "queued":
                 return None
-            ids = [r["id"] for r in tx.rows(_FAIR_ORDER_SQL.format(cols="q.id"))]
+            ids = [r["id"] for r in tx.rows(_FAIR_ORDER_SQL.format(cols="q.id", where=""))]
         return ids.index(job_id) if job_id in ids else None
 
     def queue_counts(self) -> dict[str, int]:
@@ -810,38 +983,6 @@ class Store:
         with self._tx() as tx:
             rows = tx.rows("SELECT owner, COUNT(*) AS n FROM jobs WHERE status = 'queued' GROUP BY owner ORDER BY owner")
         return {r["owner"]: int(r["n"]) for r in rows}
-
-    def recover(self, worker_prefix: str | None = None, max_attempts: int = 2) -> tuple[int, int]:
-        """At start-up: jobs left running by a process that died (those whose worker name starts
-        with ``worker_prefix``; all if None) are re-queued if claimed fewer than ``max_attempts``
-        times, else failed. A job whose cancel was requested is canceled instead (counted in
-        neither). Their partial image records are dropped. Returns (requeued, failed)."""
-        now = time.time()
-        requeued = failed = 0
-        sql = "SELECT id, attempts, cancel_requested FROM jobs WHERE status = 'running'"
-        params: tuple[Any, ...] = ()
-        if worker_prefix is not None:
-            sql += " AND substr(worker, 1, ?) = ?"
-            params = (len(worker_prefix), worker_prefix)
-        with self._tx(write=True, lock="queue") as tx:
-            for row in tx.rows(sql, params):
-                self._drop_images(tx, row["id"])
-                if row["cancel_requested"]:
-                    tx.execute("UPDATE jobs SET status = 'canceled', finished_at = ? WHERE id = ?", (now, row["id"]))
-                elif row["attempts"] < max_attempts:
-                    # Keeps created_at, so it goes back to its place near the front of the queue.
-                    tx.execute(
-                        "UPDATE jobs SET status = 'queued', started_at = NULL, worker = NULL WHERE id = ?", (row["id"],)
-                    )
-                    requeued += 1
-                else:
-                    n = row["attempts"]
-                    tx.execute(
-                        "UPDATE jobs SET status = 'failed', finished_at = ?, error = ? WHERE id = ?",
-                        (now, f"the server stopped while this job ran ({n} attempt{'s' if n != 1 else ''})", row["id"]),
-                    )
-                    failed += 1
-        return requeued, failed
 
     # ------------------------------------------------------------ images
 

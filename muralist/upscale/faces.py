@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from torch import nn
 
 from ..errors import InvalidRequestError, ModelFileError, MuralistError
 from ..models import files
+from ..models.manager import ModelManager
 from ..paths import DataDirs
 
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive), in image pixels
@@ -885,16 +885,21 @@ class FaceRestorers:
     GFPGAN files must be v1 clean (GFPGANv1.3/1.4, what A1111 downloads); the original v1 with
     its custom CUDA ops, RestoreFormer and GPEN are rejected as unrecognised.
 
-    ``dirs`` is a ``DataDirs`` or the data folder itself. Networks load on first use and are kept;
-    loading is serialised so concurrent requests load each file once.
+    ``dirs`` is a ``DataDirs`` or the data folder itself. Networks load on first use and are kept
+    in ``manager`` (evicted by its budget); concurrent requests load each file once.
     """
 
-    def __init__(self, dirs: DataDirs | str | os.PathLike[str], device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        dirs: DataDirs | str | os.PathLike[str],
+        device: str | torch.device = "cpu",
+        manager: ModelManager | None = None,
+    ) -> None:
         root = dirs.root if isinstance(dirs, DataDirs) else Path(dirs)
         self.folders = {name: root / "models" / folder for name, (folder, _) in _FOLDERS.items()}
         self.device = torch.device(device)
-        self._lock = threading.Lock()
-        self._models: dict[str, tuple[Path, float, nn.Module]] = {}
+        # Loaded networks live in the worker's manager (one budget for all kinds), else a private one.
+        self.manager = manager if manager is not None else ModelManager(self.device)
 
     def find(self, model: str) -> Path:
         """The weights file for ``model``: A1111's default name if present, else the first .pth there."""
@@ -916,22 +921,27 @@ class FaceRestorers:
             f"{name} weights not found: put {_FOLDERS[name][1]} (or any {name} .pth file) in {folder}"
         )
 
-    def load(self, model: str) -> nn.Module:
-        """The network for ``model``, loaded (once) from ``find(model)``."""
+    def _request(self, model: str) -> tuple[tuple[str, str, int, int, str], Callable[[], nn.Module], int, str]:
+        """(manager key, loader, size estimate, label) of ``model``'s current weights file."""
         name = self._canonical(model)
         path = self.find(name)
-        mtime = path.stat().st_mtime
-        with self._lock:
-            cached = self._models.get(name)
-            if cached and cached[0] == path and cached[1] == mtime:
-                return cached[2]
+        st = path.stat()
+        key = (name, str(path), st.st_mtime_ns, st.st_size, str(self.device))
+
+        def load() -> nn.Module:
             sd = load_face_state_dict(path)
             arch = detect_architecture(sd)
             if arch != name:
                 raise ModelFileError(f"{path} holds {arch} weights, not {name}")
-            net = build_face_model(sd, str(path)).to(self.device)
-            self._models[name] = (path, mtime, net)
-            return net
+            return build_face_model(sd, str(path)).to(self.device)
+
+        # One network per restorer, as before: a replaced or re-chosen file frees the old one.
+        self.manager.discard("face", lambda k: k[0] == name and k[4] == key[4] and k != key)
+        return key, load, st.st_size, f"{name} ({path.name})"
+
+    def load(self, model: str) -> nn.Module:
+        """The network for ``model``, loaded (once per file version) from ``find(model)``."""
+        return self.manager.get("face", *self._request(model))
 
     def restore(
         self,
@@ -951,8 +961,8 @@ class FaceRestorers:
             raise InvalidRequestError(f"CodeFormer weight must be between 0 and 1, got {weight}")
         if visibility == 0:
             return image.convert("RGB").copy()
-        net = self.load(model)
-        return restore_boxes(image, detect_faces(image), net, visibility, weight)
+        with self.manager.use("face", *self._request(model)) as net:  # pinned while it runs
+            return restore_boxes(image, detect_faces(image), net, visibility, weight)
 
     @staticmethod
     def _canonical(model: str) -> str:

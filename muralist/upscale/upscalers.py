@@ -23,12 +23,12 @@ resizes to the exact target. An explicit target size follows ``images.resize_ima
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
 import re
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +42,7 @@ from torch import nn
 
 from ..errors import InvalidRequestError, ModelFileError, not_found
 from ..models import files
+from ..models.manager import ModelManager
 from ..paths import DataDirs
 
 LANCZOS = Image.Resampling.LANCZOS
@@ -902,12 +903,13 @@ def _file_key(path: Path) -> tuple[str, int, int]:
 class UpscalerRegistry:
     """The built-in upscalers plus the model files in A1111's upscaler folders, with a small model LRU."""
 
-    def __init__(self, dirs: DataDirs, max_loaded: int = 2) -> None:
+    def __init__(self, dirs: DataDirs, max_loaded: int = 2, manager: ModelManager | None = None) -> None:
         self.dirs = dirs
         self.folders = tuple(dirs.root / "models" / name for name in MODEL_FOLDERS)
-        self.max_loaded = max(1, max_loaded)
+        # Loaded models live in the worker's manager (one budget for all kinds), else a private one.
+        self.manager = manager if manager is not None else ModelManager("cpu")
+        self.max_loaded = max_loaded
         self._lock = threading.Lock()
-        self._loaded: OrderedDict[tuple[str, int, int, str], UpscalerModel] = OrderedDict()
         # Detected (arch, scale) per file version, so listing reads each file once.
         self._described: dict[tuple[str, int, int], tuple[str | None, int | None]] = {}
 
@@ -977,31 +979,45 @@ class UpscalerRegistry:
                 return UpscalerInfo(found) if path is None else self._info(found, path)
         raise not_found("upscaler", name, [n for n, _ in entries])
 
-    def load(self, upscaler: str | UpscalerInfo, device: str | torch.device = "cpu") -> UpscalerModel:
-        """The loaded model of a model upscaler, cached by file version and device."""
+    @property
+    def max_loaded(self) -> int:
+        return self.manager.max_count["upscaler"]
+
+    @max_loaded.setter
+    def max_loaded(self, value: int) -> None:
+        self.manager.max_count["upscaler"] = max(1, value)
+
+    def _request(
+        self, upscaler: str | UpscalerInfo, device: str | torch.device
+    ) -> tuple[tuple[str, int, int, str], Callable[[], UpscalerModel], int, str]:
+        """(manager key, loader, size estimate, label) of a model upscaler."""
         info = upscaler if isinstance(upscaler, UpscalerInfo) else self.find(upscaler)
         if info.path is None:
             raise InvalidRequestError(f"{info.name!r} is not a model upscaler")
+        path = info.path
         try:
-            key = (*_file_key(info.path), str(torch.device(device)))
+            key = (*_file_key(path), str(torch.device(device)))
         except OSError as exc:
-            raise ModelFileError(f"cannot read {info.path}: {exc.strerror or exc}") from None
-        with self._lock:
-            model = self._loaded.get(key)
-            if model is not None:
-                self._loaded.move_to_end(key)
-                return model
-            # Loading under the lock: two requests for the same file must not load it twice.
-            model = load_upscaler_model(info.path, device)
-            self._loaded[key] = model
-            while len(self._loaded) > self.max_loaded:
-                self._loaded.popitem(last=False)
-            return model
+            raise ModelFileError(f"cannot read {path}: {exc.strerror or exc}") from None
+        # An older version of the same file is never used again: free it now.
+        self.manager.discard("upscaler", lambda k: k[0] == key[0] and k != key)
+        return key, lambda: load_upscaler_model(path, device), key[2], info.name
+
+    def load(self, upscaler: str | UpscalerInfo, device: str | torch.device = "cpu") -> UpscalerModel:
+        """The loaded model of a model upscaler, cached by file version and device."""
+        key, load, estimate, label = self._request(upscaler, device)
+        return self.manager.get("upscaler", key, load, estimate, label)
+
+    @contextlib.contextmanager
+    def use(self, upscaler: str | UpscalerInfo, device: str | torch.device = "cpu") -> Iterator[UpscalerModel]:
+        """Like ``load``, with the model pinned (never evicted) for the duration of the block."""
+        key, load, estimate, label = self._request(upscaler, device)
+        with self.manager.use("upscaler", key, load, estimate, label) as model:
+            yield model
 
     def clear(self) -> None:
         """Drops the loaded models (e.g. to free memory)."""
-        with self._lock:
-            self._loaded.clear()
+        self.manager.discard("upscaler")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1060,7 +1076,22 @@ def upscale(
     """
     if (scale is None) == (target is None):
         raise InvalidRequestError("give either an upscale factor or a target size, not both or neither")
-    name, model = _resolve(upscaler, registry, device)
+    name, info = _resolve(upscaler, registry)
+    # A model upscaler stays pinned while it runs, so no other load evicts it from the budget.
+    using = registry.use(info, device) if registry is not None and info is not None else contextlib.nullcontext()
+    with using as model:
+        return _upscale(image, name, model, scale, target, tile, tile_overlap)
+
+
+def _upscale(
+    image: Image.Image,
+    name: str,
+    model: UpscalerModel | None,
+    scale: float | None,
+    target: tuple[int, int] | None,
+    tile: int,
+    tile_overlap: int,
+) -> Image.Image:
     if image.mode not in ("RGB", "RGBA", "L"):
         # Pillow resizes palette images with NEAREST whatever is asked; work on real colours.
         has_alpha = "A" in image.getbands() or "transparency" in image.info
@@ -1090,17 +1121,15 @@ def upscale(
     return _upscale_by(image, scale, lambda im: step(im, scale))
 
 
-def _resolve(
-    upscaler: str, registry: UpscalerRegistry | None, device: str | torch.device
-) -> tuple[str, UpscalerModel | None]:
-    """The canonical name of the upscaler and, for a model upscaler, its loaded model."""
+def _resolve(upscaler: str, registry: UpscalerRegistry | None) -> tuple[str, UpscalerInfo | None]:
+    """The canonical name of the upscaler and, for a model upscaler, its registry entry."""
     for builtin in BUILTIN_UPSCALERS:
         if upscaler.lower() == builtin.lower():
             return builtin, None
     if registry is None:
         raise not_found("upscaler", upscaler, BUILTIN_UPSCALERS)
     info = registry.find(upscaler)
-    return info.name, registry.load(info, device)
+    return info.name, info
 
 
 def _keep_grey(source: Image.Image, result: Image.Image) -> Image.Image:

@@ -477,6 +477,20 @@ async function showAdmin() {
   for (const j of status.running) { const li = document.createElement("li"); li.textContent = `${j.owner}: ${j.id}`; $("admin-running").append(li); }
   $("admin-loaded").innerHTML = "";
   for (const m of status.loaded_models) { const li = document.createElement("li"); li.textContent = m; $("admin-loaded").append(li); }
+  const rows = $("admin-workers").tBodies[0];
+  rows.innerHTML = "";
+  const gib = (b) => (b == null ? "" : `${(b / 2 ** 30).toFixed(2)} GiB`);
+  for (const w of status.workers) {
+    const tr = rows.insertRow();
+    tr.dataset.name = w.name;
+    tr.dataset.state = w.state;
+    const mem = w.memory || {};
+    const free = mem.device_free_bytes != null ? ` (${t("admin.w_free")} ${gib(mem.device_free_bytes)})` : "";
+    for (const text of [w.name, `${w.node || ""} / ${w.device || ""}`, t(`admin.state_${w.state}`), w.job_id || "",
+                        (w.models || []).map((m) => m.label || m.kind).join(", "), gib(mem.models_bytes) + free]) {
+      tr.insertCell().textContent = text;
+    }
+  }
 }
 
 async function addUser(ev) {

@@ -1,0 +1,266 @@
+"""A worker: runs jobs on one device with its own model manager.
+
+The same class runs in the API process (``muralist serve`` on one box) and inside a Ray actor on
+any machine of a cluster (``muralist worker``). It never touches the database or the API's files:
+a job comes in as a plain dict, and out come events (started, progress with previews, and one
+terminal event carrying the PNG bytes), so that the dispatcher alone decides what is recorded.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import os
+import queue
+import shutil
+import socket
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ..errors import MuralistError
+from ..paths import DataDirs
+
+log = logging.getLogger("muralist.worker")
+
+TERMINAL = ("done", "interrupted", "error")
+_AVAILABLE_TTL = 30.0  # seconds between rescans of the checkpoints this worker can load
+
+
+class Worker:
+    """One device's job runner. ``engine``: an Engine to use (the API process shares its model
+    registry); otherwise one is built from ``data_dir`` and ``folders`` (``ckpt_dir``, ``vae_dir``,
+    ``lora_dir``, ``embeddings_dir``): a worker on another machine reads that machine's own A1111
+    folders."""
+
+    def __init__(
+        self,
+        name: str,
+        device: str | None = None,
+        data_dir: str | os.PathLike[str] | None = None,
+        folders: dict[str, str] | None = None,
+        engine: Any = None,
+        max_loaded_models: int = 2,
+        max_model_bytes: int | None = None,
+        preview_every: int = 5,
+        node: str | None = None,
+        report_available: bool = True,
+    ) -> None:
+        self.name = name
+        self.preview_every = preview_every
+        self.report_available = report_available
+        self.loads = 0  # checkpoints loaded so far (what model affinity saves)
+        self.node = node or socket.gethostname()
+        if engine is None:
+            from ..engine.engine import Engine, ModelCache
+
+            dirs = DataDirs.from_options(data_dir, **(folders or {}))
+            engine = Engine(dirs, cache=ModelCache(max_models=max_loaded_models, device=device, max_bytes=max_model_bytes))
+        self.engine = engine
+        self.device = str(engine.cache.device)
+        self._lock = threading.Lock()
+        self._current: tuple[str, int, Any] | None = None  # (job id, attempt, JobControl)
+        self._owner: tuple[str, float] | None = None  # (dispatcher, last seen), see attach()
+        self._available: tuple[float, list[str]] | None = None
+
+    # ------------------------------------------------------------- control (answers while a job runs)
+
+    def attach(self, owner: str, ttl: float) -> bool:
+        """Whether dispatcher ``owner`` may drive this worker: one dispatcher at a time, and another
+        may take over once the owner has not been heard of for ``ttl`` seconds (it died)."""
+        now = time.monotonic()
+        with self._lock:
+            if self._owner is None or self._owner[0] == owner or now - self._owner[1] > ttl:
+                self._owner = (owner, now)
+                return True
+            return False
+
+    def detach(self, owner: str) -> None:
+        with self._lock:
+            if self._owner is not None and self._owner[0] == owner:
+                self._owner = None
+
+    def interrupt(self, job_id: str, attempt: int | None = None) -> bool:
+        return self._control(job_id, attempt, "interrupt")
+
+    def skip(self, job_id: str, attempt: int | None = None) -> bool:
+        return self._control(job_id, attempt, "skip")
+
+    def _control(self, job_id: str, attempt: int | None, action: str) -> bool:
+        with self._lock:
+            cur = self._current
+        if cur is None or cur[0] != job_id or (attempt is not None and cur[1] != attempt):
+            return False
+        getattr(cur[2], action)()
+        return True
+
+    def info(self) -> dict[str, Any]:
+        """What the dispatcher needs to place jobs, and what the Admin page shows."""
+        with self._lock:
+            cur = self._current
+            owner = self._owner[0] if self._owner else None
+        cache = self.engine.cache
+        manager = getattr(cache, "manager", None)
+        memory: dict[str, Any] = {"models_bytes": manager.used_bytes() if manager else None, "budget_bytes": cache.max_bytes}
+        if self.device.startswith("cuda"):
+            try:
+                import torch
+
+                free, total = torch.cuda.mem_get_info(torch.device(self.device))
+                memory.update(device_free_bytes=free, device_total_bytes=total)
+            except Exception:  # a broken device is reported by the job that uses it
+                pass
+        return {
+            "name": self.name,
+            "node": self.node,
+            "device": self.device,
+            "pid": os.getpid(),
+            "state": "busy" if cur else "idle",
+            "job_id": cur[0] if cur else None,
+            "attempt": cur[1] if cur else None,
+            "owner": owner,
+            "loaded_models": [sha for _path, sha in cache.loaded()],
+            "models": manager.summary() if manager else [],
+            "loads": self.loads,
+            "available": self.available() if self.report_available else None,
+            "memory": memory,
+        }
+
+    def available(self) -> list[str]:
+        """sha256 of every checkpoint in this worker's folders (a job needing another never comes here)."""
+        now = time.monotonic()
+        if self._available is None or now - self._available[0] > _AVAILABLE_TTL:
+            try:
+                shas = sorted({c.sha256 for c in self.engine.registry.checkpoints()})
+            except Exception:
+                log.exception("scanning the checkpoints failed")
+                shas = self._available[1] if self._available else []
+            self._available = (now, shas)
+        return self._available[1]
+
+    # ------------------------------------------------------------- running a job
+
+    def run(self, job: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """Run ``job`` ({"id", "attempt", "type", "params", "owner"}) and yield its events; the last
+        one is terminal: "done" (with the images' PNG bytes), "interrupted" or "error"."""
+        from ..engine.txt2img import JobControl
+
+        control = JobControl()
+        with self._lock:
+            if self._current is not None:
+                yield {"type": "error", "user": False, "message": f"worker {self.name} is busy with job {self._current[0]}"}
+                return
+            self._current = (job["id"], int(job.get("attempt", 0)), control)
+        events: queue.Queue[dict[str, Any]] = queue.Queue()
+        thread = threading.Thread(target=self._execute, args=(job, control, events.put), daemon=True,
+                                  name=f"muralist-job-{job['id'][:8]}")
+        try:
+            thread.start()
+            yield {"type": "started", "worker": self.name}
+            while True:
+                ev = events.get()
+                yield ev
+                if ev["type"] in TERMINAL:
+                    return
+        finally:
+            if thread.is_alive():  # the caller went away: stop the job rather than finish it for nobody
+                control.interrupt()
+
+    def _execute(self, job: dict[str, Any], control: Any, emit: Any) -> None:
+        from ..engine.txt2img import Interrupted
+
+        tmp = Path(tempfile.mkdtemp(prefix="muralist-job-"))
+        before = {sha for _path, sha in self.engine.cache.loaded()}
+        try:
+            try:
+                end = self._dispatch(job, control, emit, tmp)
+            except Interrupted:
+                end = {"type": "interrupted"}
+            except MuralistError as e:
+                end = {"type": "error", "user": True, "message": str(e)}
+            except Exception as e:  # a bug or an out-of-memory: the job fails, the worker lives on
+                log.error("job %s failed:\n%s", job["id"], traceback.format_exc())
+                end = {"type": "error", "user": False, "message": f"internal error: {type(e).__name__}: {e}"}
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            with self._lock:
+                self._current = None
+        loaded = [sha for _path, sha in self.engine.cache.loaded()]
+        self.loads += len(set(loaded) - before)
+        end["loaded_models"] = loaded
+        emit(end)
+
+    def _dispatch(self, job: dict[str, Any], control: Any, emit: Any, tmp: Path) -> dict[str, Any]:
+        kind, params = job["type"], job["params"]
+        if job.get("cancel_requested"):
+            control.interrupt()
+        if kind == "interrogate":
+            from ..engine.images import decode_image
+
+            caption = self.engine.interrogator.caption(decode_image(params["image"]))
+            return {"type": "done", "images": [], "result": {"caption": caption, "infotexts": [], "seeds": [], "warnings": []}}
+        if kind == "extras":
+            paths, texts = self._extras(params, tmp)
+            result = {"infotexts": texts, "seeds": [-1] * len(paths), "subseeds": [-1] * len(paths), "warnings": [], "model": None}
+            return {"type": "done", "images": _read_images(paths, texts, result["seeds"]), "result": result}
+        from ..request import GenerationRequest
+
+        req = GenerationRequest.model_validate(params)
+        saved = self.engine.generate(req, control=control, progress=lambda p: emit(self._progress(p)), save_to=tmp)
+        r = saved.result
+        result = {"infotexts": r.infotexts, "seeds": r.seeds, "subseeds": r.subseeds, "warnings": r.warnings,
+                  "model": saved.model.title if saved.model else None}
+        return {"type": "done", "images": _read_images(saved.paths, r.infotexts, r.seeds), "result": result}
+
+    def _extras(self, params: dict[str, Any], folder: Path) -> tuple[list[Path], list[str]]:
+        from ..engine.images import decode_image
+        from ..infotext import read_infotext, save_png
+        from ..upscale.extras import ExtrasRequest, run_extras
+
+        req = ExtrasRequest.model_validate(params)
+        paths, texts = [], []
+        for i, data in enumerate(req.images):
+            src = decode_image(data, f"image[{i}]")
+            image, info = run_extras(self.engine, req, src)
+            # A1111 keeps the source's generation parameters intact in the PNG; the postprocessing
+            # description is what the API returns (its html_info).
+            paths.append(save_png(image, folder / f"{i:05d}.png", read_infotext(src) or info))
+            texts.append(info)
+        return paths, texts
+
+    def _progress(self, p: Any) -> dict[str, Any]:
+        event: dict[str, Any] = {
+            "type": "progress", "step": p.step, "steps": p.steps, "batch": p.batch, "n_iter": p.n_iter,
+            "progress": round(p.fraction, 4), "eta": None if p.eta_seconds is None else round(p.eta_seconds, 2),
+        }
+        every = self.preview_every
+        if every and p.latents is not None and (p.step % every == 0 or p.step == p.steps):
+            event["preview"] = preview_png(p.latents)
+        return event
+
+
+def _read_images(paths: list[Path], infotexts: list[str], seeds: list[int]) -> list[dict[str, Any]]:
+    return [{"name": Path(p).name, "data": Path(p).read_bytes(), "infotext": text, "seed": int(seed)}
+            for p, text, seed in zip(paths, infotexts, seeds, strict=True)]
+
+
+# SD1/SD2 latent -> RGB approximation (a linear map), cheap enough for every few steps.
+_LATENT_RGB = ((0.3512, 0.2297, 0.3227), (0.3250, 0.4974, 0.2350), (-0.2829, 0.1762, 0.2721), (-0.2120, -0.2616, -0.7177))
+
+
+def preview_png(latents: Any) -> str:
+    """A base64 PNG of the first image's latents (no VAE decode: it must not slow sampling)."""
+    import torch
+    from PIL import Image
+
+    lat = latents[0].float().cpu()
+    rgb = torch.einsum("chw,cr->hwr", lat, torch.tensor(_LATENT_RGB))
+    arr = ((rgb + 1) / 2).clamp(0, 1).mul(255).byte().numpy()
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
