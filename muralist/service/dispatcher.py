@@ -228,7 +228,8 @@ class Dispatcher:
             lost = True
             if not run.abandoned:
                 self._requeue(run, str(e), failure=True)
-        except Exception as e:  # a dispatcher bug: the job is re-run rather than lost
+        except Exception as e:  # unknown trouble: the job is re-run rather than lost, the worker re-checked
+            lost = True
             log.error("dispatching job %s failed:\n%s", job.id, traceback.format_exc())
             if not run.abandoned:
                 self._requeue(run, f"internal error: {type(e).__name__}: {e}", failure=True)

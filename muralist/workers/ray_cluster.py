@@ -156,10 +156,10 @@ class RayHandle:
     def _get(self, ref: Any, timeout: float | None = 5.0) -> Any:
         try:
             return self._ray.get(ref, timeout=timeout)
-        except self._ray.exceptions.RayActorError as e:
-            raise WorkerLost(f"worker {self.name} died: {type(e).__name__}") from None
         except self._ray.exceptions.GetTimeoutError:
             raise WorkerLost(f"worker {self.name} did not answer within {timeout:g} s") from None
+        except self._ray.exceptions.RayError as e:  # died, unschedulable (its machine is gone)
+            raise WorkerLost(f"worker {self.name} is unavailable: {type(e).__name__}") from None
 
     def attach(self, owner: str, ttl: float) -> bool:
         return bool(self._get(self.actor.attach.remote(owner, ttl)))
@@ -177,8 +177,8 @@ class RayHandle:
                 yield self._get(ref, timeout=None)
         except self._ray.exceptions.RayActorError as e:
             raise WorkerLost(f"worker {self.name} died: {type(e).__name__}") from None
-        except self._ray.exceptions.RayTaskError as e:
-            raise WorkerLost(f"worker {self.name} failed: {e}") from None
+        except self._ray.exceptions.RayError as e:  # unschedulable (its machine is gone), task errors...
+            raise WorkerLost(f"worker {self.name} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
     def interrupt(self, job_id: str, attempt: int | None = None) -> None:
         self.actor.interrupt.remote(job_id, attempt)

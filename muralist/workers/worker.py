@@ -67,6 +67,8 @@ class Worker:
         self._current: tuple[str, int, Any] | None = None  # (job id, attempt, JobControl)
         self._owner: tuple[str, float] | None = None  # (dispatcher, last seen), see attach()
         self._available: tuple[float, list[str]] | None = None
+        self._inbox: queue.Queue[Any] = queue.Queue()
+        self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------- control (answers while a job runs)
 
@@ -157,19 +159,33 @@ class Worker:
                 return
             self._current = (job["id"], int(job.get("attempt", 0)), control)
         events: queue.Queue[dict[str, Any]] = queue.Queue()
-        thread = threading.Thread(target=self._execute, args=(job, control, events.put), daemon=True,
-                                  name=f"muralist-job-{job['id'][:8]}")
+        finished = False
         try:
-            thread.start()
+            self._executor().put((job, control, events.put))
             yield {"type": "started", "worker": self.name}
             while True:
                 ev = events.get()
                 yield ev
                 if ev["type"] in TERMINAL:
+                    finished = True
                     return
         finally:
-            if thread.is_alive():  # the caller went away: stop the job rather than finish it for nobody
+            if not finished:  # the caller went away: stop the job rather than finish it for nobody
                 control.interrupt()
+
+    def _executor(self) -> queue.Queue[Any]:
+        """The worker's one long-lived job thread: torch pays for a new calling thread (its
+        OpenMP team) on first use, ~50 ms per job on a CPU if every job had a fresh thread."""
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._serve, daemon=True, name=f"muralist-{self.name}")
+                self._thread.start()
+        return self._inbox
+
+    def _serve(self) -> None:
+        while True:
+            job, control, emit = self._inbox.get()
+            self._execute(job, control, emit)
 
     def _execute(self, job: dict[str, Any], control: Any, emit: Any) -> None:
         from ..engine.txt2img import Interrupted
