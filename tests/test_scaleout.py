@@ -59,13 +59,17 @@ def stop(proc, sig: int = signal.SIGKILL) -> None:
     proc.wait(60)
 
 
+def serve(root: Path, *extra: str, port: int | None = None):
+    """A `muralist serve` process on SQLite in single-user mode: (process, its port, a client)."""
+    port = port or free_port()
+    proc = serve_subprocess(root, port, None, *extra)
+    wait_http(f"http://127.0.0.1:{port}")
+    return proc, port, httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+
+
 def test_sigterm_requeues_the_running_job_and_a_restart_finishes_it(root: Path) -> None:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = serve_subprocess(root, port, None, "--grace", "0")
+    proc, port, c = serve(root, "--grace", "0")
     try:
-        wait_http(url)
-        c = httpx.Client(base_url=url, timeout=60)
         job_id = c.post("/api/v1/jobs", json={"params": {**SMALL, "steps": 150, "batch_size": 2}}).json()["id"]
         queued_id = c.post("/api/v1/jobs", json={"params": SMALL}).json()["id"]
         running(c, job_id)
@@ -77,8 +81,7 @@ def test_sigterm_requeues_the_running_job_and_a_restart_finishes_it(root: Path) 
             assert job.status is JobStatus.QUEUED and job.failures == 0  # not canceled, not a failure
             assert store.get(queued_id).status is JobStatus.QUEUED
             assert store.list_images(None) == []
-        proc = serve_subprocess(root, port, None)
-        wait_http(url)
+        proc, _, c = serve(root, port=port)
         done = wait_job(c, job_id, timeout=180)
         assert done["status"] == "succeeded" and done["attempts"] == 2 and len(done["result"]["images"]) == 2
         assert wait_job(c, queued_id)["status"] == "succeeded"
@@ -87,12 +90,8 @@ def test_sigterm_requeues_the_running_job_and_a_restart_finishes_it(root: Path) 
 
 
 def test_sigterm_lets_a_running_job_finish_within_the_grace_period(root: Path) -> None:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = serve_subprocess(root, port, None, "--grace", "120")
+    proc, _, c = serve(root, "--grace", "120")
     try:
-        wait_http(url)
-        c = httpx.Client(base_url=url, timeout=60)
         job_id = c.post("/api/v1/jobs", json={"params": {**SMALL, "steps": 40}}).json()["id"]
         running(c, job_id)
         stop(proc, signal.SIGTERM)

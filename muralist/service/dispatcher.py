@@ -135,23 +135,22 @@ class Dispatcher:
 
     def interrupt(self, job_id: str) -> bool:
         """Interrupt a job this dispatcher runs, because its owner canceled it."""
-        with self._lock:
-            found = self._runs.get(job_id)
-        if found is None:
-            return False
-        slot, run = found
-        run.reason = "cancel"
-        self._safe(slot, lambda: slot.handle.interrupt(job_id, run.job.attempts))
-        return True
+        return self._control(job_id, "interrupt")
 
     def skip(self, job_id: str) -> bool:
+        return self._control(job_id, "skip")
+
+    def _control(self, job_id: str, action: str) -> bool:
         with self._lock:
             found = self._runs.get(job_id)
         if found is None:
             return False
         slot, run = found
-        run.skips_sent += 1
-        self._safe(slot, lambda: slot.handle.skip(job_id, run.job.attempts))
+        if action == "interrupt":
+            run.reason = "cancel"
+        else:
+            run.skips_sent += 1  # so that the poll of running_controls does not deliver it again
+        self._safe(slot, lambda: getattr(slot.handle, action)(job_id, run.job.attempts))
         return True
 
     def runs(self, job_id: str) -> bool:
