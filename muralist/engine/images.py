@@ -21,6 +21,8 @@ MAX_INPUT_PIXELS = 4096 * 4096
 
 def decode_image(data: str | bytes, field: str = "image") -> Image.Image:
     """A PIL image from base64 (raw or ``data:`` URL) or bytes; bad input is a clear InvalidRequestError."""
+    if not isinstance(data, str | bytes):
+        raise InvalidRequestError(f"{field}: must be a base64 string or a data URL, not {type(data).__name__}")
     if isinstance(data, str):
         if data.startswith("data:"):
             data = data.partition(",")[2]

@@ -24,6 +24,7 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..errors import InvalidRequestError, MuralistError, NotFoundError
@@ -31,6 +32,7 @@ from .core import Service
 from .store import Job, JobStatus, LimitError, User
 
 LOCAL_USER = "local"
+MAX_OFFSET = 2**31 - 1  # larger offsets overflow the databases' integers (and list nothing anyway)
 
 
 @dataclass
@@ -100,22 +102,23 @@ def create_app(service: Service, auth: AuthConfig | None = None, cors_origins: l
 
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"])
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next: Any) -> Any:
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > max_body_bytes:
-            return JSONResponse({"error": "PayloadTooLarge", "detail": f"request body over {max_body_bytes} bytes"}, 413)
-        return await call_next(request)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
 
     @app.exception_handler(MuralistError)
     async def muralist_error(_request: Request, exc: MuralistError) -> JSONResponse:
         status = 429 if isinstance(exc, LimitError) else 422 if isinstance(exc, InvalidRequestError | NotFoundError) else 400
-        return JSONResponse({"error": type(exc).__name__, "detail": str(exc)}, status)
+        return error_response(type(exc).__name__, str(exc), status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        response = error_response(_HTTP_ERRORS.get(exc.status_code, "HTTPException"), str(exc.detail), exc.status_code)
+        response.headers.update(exc.headers or {})
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
         parts = [f"{'.'.join(str(x) for x in e['loc'] if x != 'body') or 'body'}: {e['msg']}" for e in exc.errors()]
-        return JSONResponse({"error": "ValidationError", "detail": "; ".join(parts), "errors": jsonable(exc.errors())}, 422)
+        return error_response("ValidationError", "; ".join(parts), 422, jsonable(exc.errors()))
 
     _install_docs(app)
     _install_ui(app)
@@ -133,7 +136,8 @@ def create_app(service: Service, auth: AuthConfig | None = None, cors_origins: l
             except (binascii.Error, UnicodeDecodeError):
                 name, password = "", ""
             expected = auth.basic.get(name)
-            if expected is not None and hmac.compare_digest(expected, password):
+            # Bytes: compare_digest refuses non-ASCII str, and passwords may be any UTF-8.
+            if expected is not None and hmac.compare_digest(expected.encode(), password.encode()):
                 user = service.store.get_user(name)
                 if user is not None:
                     return user
@@ -161,7 +165,7 @@ def create_app(service: Service, auth: AuthConfig | None = None, cors_origins: l
 
     @app.get("/api/v1/jobs")
     def list_jobs(status: list[JobStatus] | None = Query(None), limit: int = Query(100, ge=1, le=1000),
-                  offset: int = Query(0, ge=0), user: User = Depends(current_user)) -> dict[str, Any]:
+                  offset: int = Query(0, ge=0, le=MAX_OFFSET), user: User = Depends(current_user)) -> dict[str, Any]:
         jobs = service.store.list_jobs(user.name, status, limit, offset)
         return {"jobs": [job_view(service, j) for j in jobs]}
 
@@ -197,7 +201,7 @@ def create_app(service: Service, auth: AuthConfig | None = None, cors_origins: l
         return FileResponse(path, media_type="image/png", filename=Path(rec.path).name)
 
     @app.get("/api/v1/images")
-    def images(limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0),
+    def images(limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=MAX_OFFSET),
                user: User = Depends(current_user)) -> dict[str, Any]:
         recs = service.store.list_images(user.name, limit, offset)
         return {"images": [{"id": r.id, "job_id": r.job_id, "seed": r.seed, "infotext": r.infotext, "created_at": r.created_at} for r in recs]}
@@ -342,6 +346,67 @@ def create_app(service: Service, auth: AuthConfig | None = None, cors_origins: l
 
     install(app, service)
     return app
+
+
+def error_response(error: str, detail: str, status: int, errors: Any = None) -> JSONResponse:
+    """Errors in A1111's shape ({error, detail, body, errors}), which its clients parse."""
+    return JSONResponse({"error": error, "detail": detail, "body": "", "errors": errors if errors is not None else detail}, status)
+
+
+_HTTP_ERRORS = {413: "PayloadTooLarge", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 405: "MethodNotAllowed", 409: "Conflict",
+                410: "Gone", 500: "InternalServerError"}
+
+
+class _TooLarge(StarletteHTTPException):
+    """Raised from the body stream: an HTTPException, so FastAPI's body reading passes it on as is."""
+
+
+class BodyLimit:
+    """Refuses request bodies over ``max_bytes`` while they stream in (chunked or not), before any
+    route or authentication reads them: at most ``max_bytes`` are ever held."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(send)
+            return
+        seen = 0
+        started = False
+
+        async def counted() -> dict[str, Any]:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge(413, f"request body over {self.max_bytes} bytes; send smaller images")
+            return message
+
+        async def tracked(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, tracked)
+        except _TooLarge:
+            if not started:
+                await self._refuse(send)
+
+    async def _refuse(self, send: Any) -> None:
+        response = error_response("PayloadTooLarge", f"request body over {self.max_bytes} bytes; send smaller images", 413)
+        await response({"type": "http"}, _no_body, send)
+
+
+async def _no_body() -> dict[str, Any]:
+    return {"type": "http.disconnect"}
 
 
 def _ensure_local(service: Service) -> User:

@@ -248,6 +248,10 @@ class Service:
                 decode_image(data, f"image[{i}]")
             for name in {ereq.upscaler_1, ereq.upscaler_2}:
                 self.engine.upscalers.find(name)
+            # Missing face weights: say which file to put where now, not when the job runs.
+            for model, visibility in (("GFPGAN", ereq.gfpgan_visibility), ("CodeFormer", ereq.codeformer_visibility)):
+                if visibility > 0:
+                    self.engine.faces.find(model)
             return self._enqueue(user, job_type, ereq.model_dump(), priority, job_id)
         req, model_key = self.validate(user, job_type, params)
         return self._enqueue(user, job_type, req.model_dump(), priority, job_id, model_key)

@@ -32,17 +32,24 @@ LATENT_MODES = ["Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (b
 
 def a1111_params(body: dict[str, Any]) -> dict[str, Any]:
     """An A1111 txt2img body -> our request fields (unknown fields are ignored, as A1111 does)."""
+    overrides = body.get("override_settings") or {}
+    if not isinstance(overrides, dict):
+        raise InvalidRequestError("override_settings: must be an object of A1111 option names and values")
     params = {k: v for k, v in A1111_DEFAULTS.items()}
     for k, v in body.items():
         if v is not None and k not in ("override_settings", "sampler_index", "alwayson_scripts"):
             params[k] = v
     if not body.get("sampler_name") and body.get("sampler_index"):
         params["sampler_name"] = body["sampler_index"]
-    for opt, value in (body.get("override_settings") or {}).items():
+    for opt, value in overrides.items():
         if opt in OPTION_FIELDS and value is not None:
             params[OPTION_FIELDS[opt]] = value  # this job only
     for key in ("seed_resize_from_h", "seed_resize_from_w"):
-        if int(params.get(key, -1)) <= 0:  # A1111 treats 0 and -1 alike: no resize
+        try:
+            value = int(params.get(key, -1))
+        except (TypeError, ValueError):
+            raise InvalidRequestError(f"{key}: must be an integer (-1 or 0: no resize)") from None
+        if value <= 0:  # A1111 treats 0 and -1 alike: no resize
             params[key] = -1
     return params
 
@@ -93,14 +100,27 @@ def info_json(job: Job, params: dict[str, Any]) -> str:
     return json.dumps(info)
 
 
-def decode_image(data: str) -> bytes:
+def decode_image(data: Any, field: str = "image") -> bytes:
     """Raw base64 or a data URL (A1111 clients send both)."""
+    if not isinstance(data, str):
+        raise InvalidRequestError(f"{field}: must be a base64 string or a data URL, not {type(data).__name__}")
     if data.startswith("data:"):
         data = data.partition(",")[2]
     try:
         return base64.b64decode(data, validate=False)
     except (binascii.Error, ValueError):
         raise InvalidRequestError("image: not valid base64") from None
+
+
+def raise_failed(job: Job, what: str) -> None:
+    """A failed job as A1111 answers it: the caller's mistake is a 422 naming it, a fault of ours 500."""
+    error = job.error or what
+    ours = error.startswith(("internal error", "worker ", "the worker ", "the server "))
+    if job.status is JobStatus.CANCELED:
+        raise HTTPException(409, "the job was canceled")
+    if ours:
+        raise HTTPException(500, error)
+    raise InvalidRequestError(error)
 
 
 def decode_init(data: str) -> str:
@@ -146,7 +166,7 @@ def install(app: FastAPI, service: Service) -> None:
         job = await loop.run_in_executor(None, lambda: service.submit(user, job_type, params, job_id=body.get("force_task_id")))
         job = await wait_finished(job.id)
         if job.status is JobStatus.FAILED:
-            raise HTTPException(500, job.error or "generation failed")
+            raise_failed(job, "generation failed")
         images = images_b64(job) if body.get("send_images", True) else []
         if job_type == "img2img" and body.get("include_init_images"):
             images += [decode_init(d) for d in body.get("init_images", [])]
@@ -167,7 +187,8 @@ def install(app: FastAPI, service: Service) -> None:
         # Answered from memory (live jobs, cached queue counts): it is polled often, mid-generation.
         live = next((v for v in list(service.live.values()) if v.owner == user.name), None)
         queued = service.queued_count(user.name)
-        state = {"skipped": False, "interrupted": False, "job": live.job_id if live else "",
+        # Every key A1111's state has: strict clients' models require them all.
+        state = {"skipped": False, "interrupted": False, "stopping_generation": False, "job": live.job_id if live else "",
                  "job_count": (1 if live else 0) + queued, "job_timestamp": datetime.now().strftime("%Y%m%d%H%M%S"),
                  "job_no": live.batch if live else 0, "sampling_step": live.step if live else 0,
                  "sampling_steps": live.steps if live else 0}
@@ -349,7 +370,7 @@ def install(app: FastAPI, service: Service) -> None:
         job = await loop.run_in_executor(None, lambda: service.submit(user, "extras", body))
         job = await wait_finished(job.id)
         if job.status is not JobStatus.SUCCEEDED:
-            raise HTTPException(500, job.error or "extras failed")
+            raise_failed(job, "extras failed")
         images = images_b64(job)
         info = "<br>".join((job.result or {}).get("infotexts", []))
         return images, f"<p>{info}</p>"
@@ -370,10 +391,13 @@ def install(app: FastAPI, service: Service) -> None:
         if model != "clip":
             raise InvalidRequestError(f"model: {model!r} is not available; muralist interrogates with 'clip' (a local BLIP model)")
         loop = asyncio.get_running_loop()
-        job = await loop.run_in_executor(None, lambda: service.submit(user, "interrogate", {"image": body.get("image")}))
+        image = body.get("image")
+        if image is not None and not isinstance(image, str):
+            raise InvalidRequestError("image: must be a base64 string or a data URL")
+        job = await loop.run_in_executor(None, lambda: service.submit(user, "interrogate", {"image": image}))
         job = await wait_finished(job.id)
         if job.status is not JobStatus.SUCCEEDED:
-            raise HTTPException(500, job.error or "interrogate failed")
+            raise_failed(job, "interrogate failed")
         return {"caption": (job.result or {}).get("caption", "")}
 
     @r.post("/internal/progress")

@@ -37,8 +37,10 @@ def parse_extras(data: dict[str, Any]) -> ExtrasRequest:
         data["images"] = [data.pop("image")]
     if "imageList" in data and not data.get("images"):
         items = data.pop("imageList") or []
+        if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+            raise InvalidRequestError('imageList: a list of {"data": "<base64>", "name": "..."} objects')
         data["images"] = [i.get("data", "") for i in items]
-        data["names"] = [i.get("name", "") for i in items]
+        data["names"] = [str(i.get("name", "")) for i in items]
     try:
         req = ExtrasRequest.model_validate(data)
     except ValidationError as e:
