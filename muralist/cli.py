@@ -437,7 +437,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         connect(args.cluster)
     service = Service(dirs, store, settings)
     origins = [o.strip() for o in args.cors_allow_origins.split(",")] if args.cors_allow_origins else None
-    app = create_app(service, AuthConfig(basic), origins)
+    local_only = host in ("127.0.0.1", "localhost", "::1")
+    app = create_app(service, AuthConfig(basic, allow_single_user=local_only or args.allow_anonymous), origins)
     print(f"muralist {'(single-user mode) ' if not basic and not keyed else ''}listening on http://{host}:{args.port}", file=sys.stderr)
     # SIGTERM: uvicorn stops accepting and closes connections (5 s for open streams), then the
     # service drains: running jobs finish within --grace or go back to the queue.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import gc
+import json
 import resource
 from pathlib import Path
 
@@ -18,7 +19,7 @@ SMALL = {"prompt": "a red fox", "width": 64, "height": 64, "steps": 1}
 
 @pytest.fixture()
 def server(a1111_models: Path, tmp_path: Path):
-    root = copy_models(a1111_models, tmp_path / "data")
+    root = copy_models(a1111_models, tmp_path / "data", ("tiny-sd15.safetensors", "tiny-sd15-inpainting.safetensors"))
     with running_server(root, api_auth={"emile": "mot de passe é"}) as (url, service):
         key = service.store.add_user("alice")
         yield url, service, httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120)
@@ -109,3 +110,71 @@ def test_a_chunked_100_mb_body_is_refused_without_being_read(server) -> None:
     # A declared oversize body is refused from its header alone.
     r = httpx.post(url + "/sdapi/v1/txt2img", content=b"x" * (33 * 2**20), headers={"content-type": "application/json"})
     assert r.status_code == 413
+
+
+def png_b64(img) -> str:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_identity_and_paths_leak_nothing(server) -> None:
+    url, service, c = server
+    bob = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {service.store.add_user('bob')}"}, timeout=120)
+    mine = c.post("/sdapi/v1/txt2img", json={**SMALL, "model": "tiny-sd15", "force_task_id": "task(shared-1)"})
+    assert mine.status_code == 200
+    # Bob names Alice's job id: he gets his own job, and learns nothing about hers.
+    theirs = bob.post("/sdapi/v1/txt2img", json={**SMALL, "model": "tiny-sd15", "force_task_id": "task(shared-1)"})
+    assert theirs.status_code == 200, theirs.text
+    assert service.store.get("task(shared-1)").owner == "alice"
+    assert [j.owner for j in service.store.list_jobs("bob")] == ["bob"]
+    # Non-admins see file names, not the server's folders.
+    for route, key in (("sd-models", "filename"), ("upscalers", "model_path")):
+        for item in bob.get(f"/sdapi/v1/{route}").json():
+            assert not str(item[key] or "").startswith("/"), item
+    flags = bob.get("/sdapi/v1/cmd-flags").json()
+    assert not any(str(v).startswith("/") for v in flags.values()), flags
+    admin = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {service.store.add_user('root', admin=True)}"})
+    assert admin.get("/sdapi/v1/sd-models").json()[0]["filename"].startswith("/")
+
+
+def test_prompt_length_limit(server) -> None:
+    _, service, c = server
+    body = a1111_error(c.post("/api/v1/jobs", json={"params": {**SMALL, "prompt": "cat " * 6000}}), 422, "max_prompt_chars")
+    assert "24000" in body["detail"]
+    service.store.set_user_limits("alice", {"max_prompt_chars": 30000})
+    assert c.post("/api/v1/jobs", json={"params": {**SMALL, "prompt": "cat " * 6000}}).status_code == 202
+
+
+def test_inpainting_flag_and_sd_upscale_upscaler_by_index(server) -> None:
+    from PIL import Image
+
+    _, service, c = server
+    init = png_b64(Image.new("RGB", (64, 64), (200, 30, 30)))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    r = c.post("/sdapi/v1/img2img", json={**SMALL, "model": "tiny-sd15-inpainting", "init_images": [init],
+                                          "mask": png_b64(mask)})
+    assert r.status_code == 200 and json.loads(r.json()["info"])["is_using_inpainting_conditioning"] is True
+    r = c.post("/sdapi/v1/txt2img", json={**SMALL, "model": "tiny-sd15"})
+    assert json.loads(r.json()["info"])["is_using_inpainting_conditioning"] is False
+    names = [u["name"] for u in c.get("/sdapi/v1/upscalers").json()]
+    nearest = names.index("Nearest")
+    r = c.post("/sdapi/v1/img2img", json={**SMALL, "model": "tiny-sd15", "init_images": [init], "script_name": "SD upscale",
+                                          "script_args": [None, 8, nearest, 2.0]})
+    assert r.status_code == 200, r.text
+    assert "SD upscale upscaler: Nearest" in json.loads(r.json()["info"])["infotexts"][0]
+    a1111_error(c.post("/sdapi/v1/img2img", json={**SMALL, "init_images": [init], "script_name": "SD upscale",
+                                                  "script_args": [None, 8, 99, 2.0]}), 422, "index 99")
+
+
+def test_a_listening_server_never_becomes_anonymous(a1111_models: Path, tmp_path: Path) -> None:
+    root = copy_models(a1111_models, tmp_path / "data")
+    with running_server(root, allow_single_user=False) as (url, service):
+        key = service.store.add_user("alice", admin=True)
+        assert httpx.get(url + "/api/v1/me", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+        service.store.remove_user("alice")  # the last user goes: still nobody gets in without a key
+        a1111_error(httpx.get(url + "/api/v1/me"), 401)
+        a1111_error(httpx.post(url + "/sdapi/v1/txt2img", json=SMALL), 401)

@@ -239,7 +239,17 @@ class Engine:
             if not req.init_images:
                 raise InvalidRequestError("init_images: SD upscale is an img2img script: send the image to upscale")
             args = list(req.script_args) + [None] * 4
-            upscaler = args[2] if isinstance(args[2], str) else "Lanczos"
+            upscaler = args[2]
+            if isinstance(upscaler, int) and not isinstance(upscaler, bool):  # A1111's UI sends an index
+                names = self.upscalers.names()
+                if not 0 <= upscaler < len(names):
+                    raise InvalidRequestError(
+                        f"script_args[2]: upscaler index {upscaler} is out of range; there are {len(names)}: {', '.join(names)}")
+                upscaler = names[upscaler]
+            elif upscaler is None:
+                upscaler = "Lanczos"
+            elif not isinstance(upscaler, str):
+                raise InvalidRequestError("script_args[2]: the upscaler, as a name or an index into /sdapi/v1/upscalers")
             self.upscalers.find(upscaler)
             return "sd_upscale", (int(args[1] if args[1] is not None else 64), upscaler, float(args[3] if args[3] is not None else 2.0))
         if name == "prompt matrix":

@@ -38,10 +38,14 @@ MAX_OFFSET = 2**31 - 1  # larger offsets overflow the databases' integers (and l
 @dataclass
 class AuthConfig:
     basic: dict[str, str] = field(default_factory=dict)  # --api-auth user -> password
+    # False when listening on the network without --allow-anonymous: removing the last user must
+    # not turn the server into an open admin.
+    allow_single_user: bool = True
 
     def single_user(self, service: Service) -> bool:
         """No --api-auth and no users but the implicit local one: the caller is the local admin."""
-        return not self.basic and all(u.name == LOCAL_USER for u in service.store.list_users())
+        return (self.allow_single_user and not self.basic
+                and all(u.name == LOCAL_USER for u in service.store.list_users()))
 
 
 class JobIn(BaseModel):

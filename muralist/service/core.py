@@ -35,6 +35,7 @@ class Limits:
     max_steps: int = 150
     max_batch_size: int = 8
     max_images: int = 64  # batch_size * n_iter
+    max_prompt_chars: int = 20000  # each prompt; encoding cost grows with length (1 MB took 37 s)
 
     def merged(self, overrides: dict[str, Any]) -> Limits:
         known = {k: int(v) for k, v in overrides.items() if k in self.__dataclass_fields__}
@@ -208,6 +209,10 @@ class Service:
             if req.mask is not None:
                 decode_image(req.mask, "mask")
         limits = self.settings.limits.merged(user.limits)
+        for name in ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt"):
+            if len(getattr(req, name) or "") > limits.max_prompt_chars:
+                raise InvalidRequestError(f"{name}: {len(getattr(req, name))} characters is over your limit of "
+                                          f"max_prompt_chars={limits.max_prompt_chars}")
         if req.width * req.height > limits.max_pixels:
             raise InvalidRequestError(f"width x height: {req.width}x{req.height} is over your limit of {limits.max_pixels} pixels")
         if req.steps > limits.max_steps:
@@ -260,6 +265,8 @@ class Service:
                  model_key: str | None = None) -> Job:
         """Store a validated job within the user's queue limit, announce it and wake a worker."""
         limits = self.settings.limits.merged(user.limits)
+        if job_id is not None and (other := self.store.get(job_id)) is not None and other.owner != user.name:
+            job_id = None  # another user's id (A1111's force_task_id): a new id, and nothing about theirs
         job = self.store.submit(user.name, job_type, params, priority=priority, model_key=model_key, job_id=job_id,
                                 max_queued=limits.max_queued)
         self.publish({"type": "queued", "owner": job.owner, "job_id": job.id, "position": self.store.position(job.id)})

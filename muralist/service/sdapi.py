@@ -14,6 +14,7 @@ import json
 import os
 import time
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Query
@@ -93,7 +94,8 @@ def info_json(job: Job, params: dict[str, Any]) -> str:
         "styles": params.get("styles", []),
         "job_timestamp": datetime.fromtimestamp(job.created_at or time.time()).strftime("%Y%m%d%H%M%S"),
         "clip_skip": params.get("clip_skip", 1),
-        "is_using_inpainting_conditioning": False,
+        # A1111: true whenever the checkpoint takes the 9-channel inpainting conditioning.
+        "is_using_inpainting_conditioning": bool(res.get("inpainting_conditioning", False)),
         "version": f"muralist {__version__}",
         "warnings": res.get("warnings", []),
     }
@@ -131,6 +133,19 @@ def decode_init(data: str) -> str:
 def install(app: FastAPI, service: Service) -> None:
     current_user = app.state.current_user
     r = APIRouter()
+
+    def shown(path: Any, user: User) -> str | None:
+        """A file's path as the caller may see it: absolute for admins; for everyone else relative to
+        the data folder (or the bare name), so server paths do not leak."""
+        if path is None:
+            return None
+        if user.admin:
+            return str(path)
+        p = Path(path)
+        try:
+            return p.resolve().relative_to(service.dirs.root).as_posix()
+        except ValueError:
+            return p.name
 
     def own_running(user: User) -> list[Job]:
         return service.store.list_jobs(user.name, [JobStatus.RUNNING])
@@ -245,11 +260,11 @@ def install(app: FastAPI, service: Service) -> None:
     @r.get("/sdapi/v1/sd-models")
     def sd_models(user: User = Depends(current_user)) -> list[dict[str, Any]]:
         return [{"title": c.title, "model_name": c.model_name, "hash": c.shorthash, "sha256": c.sha256,
-                 "filename": str(c.path), "config": None} for c in service.engine.registry.checkpoints()]
+                 "filename": shown(c.path, user), "config": None} for c in service.engine.registry.checkpoints()]
 
     @r.get("/sdapi/v1/sd-vae")
     def sd_vae(user: User = Depends(current_user)) -> list[dict[str, Any]]:
-        return [{"model_name": v.name, "filename": str(v.path)} for v in service.engine.registry.vaes()]
+        return [{"model_name": v.name, "filename": shown(v.path, user)} for v in service.engine.registry.vaes()]
 
     @r.get("/sdapi/v1/samplers")
     def samplers_(user: User = Depends(current_user)) -> list[dict[str, Any]]:
@@ -266,7 +281,8 @@ def install(app: FastAPI, service: Service) -> None:
 
     @r.get("/sdapi/v1/loras")
     def loras(user: User = Depends(current_user)) -> list[dict[str, Any]]:
-        return [{"name": lo.name, "alias": lo.alias, "path": str(lo.path), "metadata": dict(lo.metadata)} for lo in service.engine.loras.all()]
+        return [{"name": lo.name, "alias": lo.alias, "path": shown(lo.path, user), "metadata": dict(lo.metadata)}
+                for lo in service.engine.loras.all()]
 
     @r.get("/sdapi/v1/embeddings")
     def embeddings(user: User = Depends(current_user)) -> dict[str, Any]:
@@ -295,12 +311,12 @@ def install(app: FastAPI, service: Service) -> None:
 
     @r.get("/sdapi/v1/upscalers")
     def upscalers(user: User = Depends(current_user)) -> list[dict[str, Any]]:
-        return [{"name": u.name, "model_name": u.arch, "model_path": str(u.path) if u.path else None, "model_url": None,
+        return [{"name": u.name, "model_name": u.arch, "model_path": shown(u.path, user), "model_url": None,
                  "scale": u.scale or 4} for u in service.engine.upscalers.list()]
 
     @r.get("/sdapi/v1/realesrgan-models")
     def realesrgan(user: User = Depends(current_user)) -> list[dict[str, Any]]:
-        return [{"name": u.name, "path": str(u.path), "scale": u.scale} for u in service.engine.upscalers.list()
+        return [{"name": u.name, "path": shown(u.path, user), "scale": u.scale} for u in service.engine.upscalers.list()
                 if u.path is not None and "RealESRGAN" in u.path.parts]
 
     @r.get("/sdapi/v1/face-restorers")
@@ -308,7 +324,7 @@ def install(app: FastAPI, service: Service) -> None:
         out = []
         for name in ("CodeFormer", "GFPGAN"):
             try:
-                path = str(service.engine.faces.find(name))
+                path = shown(service.engine.faces.find(name).parent, user)
             except MuralistError:
                 path = None
             out.append({"name": name, "cmd_dir": path})
@@ -331,8 +347,9 @@ def install(app: FastAPI, service: Service) -> None:
 
     @r.get("/sdapi/v1/cmd-flags")
     def cmd_flags(user: User = Depends(current_user)) -> dict[str, Any]:
-        return {"data_dir": str(service.dirs.root), "ckpt_dir": str(service.dirs.ckpt_dir), "vae_dir": str(service.dirs.vae_dir),
-                "lora_dir": str(service.dirs.lora_dir), "embeddings_dir": str(service.dirs.embeddings_dir), "api": True, "nowebui": True}
+        d = service.dirs
+        return {"data_dir": str(d.root) if user.admin else ".", "ckpt_dir": shown(d.ckpt_dir, user), "vae_dir": shown(d.vae_dir, user),
+                "lora_dir": shown(d.lora_dir, user), "embeddings_dir": shown(d.embeddings_dir, user), "api": True, "nowebui": True}
 
     @r.get("/sdapi/v1/memory")
     def memory(user: User = Depends(current_user)) -> dict[str, Any]:

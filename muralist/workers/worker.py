@@ -230,7 +230,8 @@ class Worker:
         saved = self.engine.generate(req, control=control, progress=lambda p: emit(self._progress(p)), save_to=tmp)
         r = saved.result
         result = {"infotexts": r.infotexts, "seeds": r.seeds, "subseeds": r.subseeds, "warnings": r.warnings,
-                  "model": saved.model.title if saved.model else None}
+                  "model": saved.model.title if saved.model else None,
+                  "inpainting_conditioning": bool(saved.model and saved.model.kind.inpainting)}
         return {"type": "done", "images": _read_images(saved.paths, r.infotexts, r.seeds), "result": result}
 
     def _extras(self, params: dict[str, Any], folder: Path) -> tuple[list[Path], list[str]]:
