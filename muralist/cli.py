@@ -384,6 +384,21 @@ def _devices(spec: str | None, device: str | None = None) -> list[str]:
     return [f"cuda:{i}" for i in range(n)] or ["cpu"]
 
 
+def _check_port(host: str, port: int) -> None:
+    import socket
+
+    from .errors import MuralistError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise MuralistError(f"cannot listen on {host}:{port} ({e.strerror}); is muralist already running? "
+                                "Choose another port with --port") from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
@@ -439,6 +454,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     origins = [o.strip() for o in args.cors_allow_origins.split(",")] if args.cors_allow_origins else None
     local_only = host in ("127.0.0.1", "localhost", "::1")
     app = create_app(service, AuthConfig(basic, allow_single_user=local_only or args.allow_anonymous), origins)
+    _check_port(host, args.port)  # before saying "listening": a taken port is the likeliest start-up error
     print(f"muralist {'(single-user mode) ' if not basic and not keyed else ''}listening on http://{host}:{args.port}", file=sys.stderr)
     # SIGTERM: uvicorn stops accepting and closes connections (5 s for open streams), then the
     # service drains: running jobs finish within --grace or go back to the queue.

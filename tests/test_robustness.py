@@ -178,3 +178,25 @@ def test_a_listening_server_never_becomes_anonymous(a1111_models: Path, tmp_path
         service.store.remove_user("alice")  # the last user goes: still nobody gets in without a key
         a1111_error(httpx.get(url + "/api/v1/me"), 401)
         a1111_error(httpx.post(url + "/sdapi/v1/txt2img", json=SMALL), 401)
+
+
+def test_newcomer_mistakes_get_helpful_answers(server, tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    url, _, c = server
+    # curl -d without a Content-Type sends a form.
+    r = c.post("/api/v1/jobs", content=b'{"params": {}}', headers={"content-type": "application/x-www-form-urlencoded"})
+    a1111_error(r, 422, "Content-Type: application/json")
+    r = c.post("/api/v1/jobs", json={"params": SMALL})
+    assert r.status_code == 202 and isinstance(r.json()["position"], int)
+    # A taken port: one clear line, and no "listening on" before it.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "muralist.cli", "serve", "--data-dir", str(tmp_path / "d"),
+                               "--port", str(port)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "listening on" not in done.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr and "--port" in done.stderr

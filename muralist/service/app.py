@@ -120,8 +120,11 @@ def create_app(service: Service, auth: AuthConfig | None = None, cors_origins: l
         return response
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         parts = [f"{'.'.join(str(x) for x in e['loc'] if x != 'body') or 'body'}: {e['msg']}" for e in exc.errors()]
+        if request.headers.get("content-type", "").startswith(("application/x-www-form-urlencoded", "multipart/")):
+            # curl -d sends a form: the most common first mistake with this API.
+            parts.insert(0, "send the body as JSON with the header 'Content-Type: application/json'")
         return error_response("ValidationError", "; ".join(parts), 422, jsonable(exc.errors()))
 
     _install_docs(app)
@@ -165,7 +168,9 @@ def create_app(service: Service, auth: AuthConfig | None = None, cors_origins: l
     @app.post("/api/v1/jobs", status_code=202)
     def submit(body: JobIn, user: User = Depends(current_user)) -> dict[str, Any]:
         job = service.submit(user, body.type, body.params, body.priority)
-        return {"id": job.id, "status": job.status.value, "position": service.store.position(job.id)}
+        now = service.store.get(job.id) or job  # a free worker may already have taken it
+        position = service.store.position(job.id) if now.status is JobStatus.QUEUED else None
+        return {"id": job.id, "status": now.status.value, "position": 0 if position is None else position}
 
     @app.get("/api/v1/jobs")
     def list_jobs(status: list[JobStatus] | None = Query(None), limit: int = Query(100, ge=1, le=1000),
