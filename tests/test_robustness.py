@@ -200,3 +200,34 @@ def test_newcomer_mistakes_get_helpful_answers(server, tmp_path: Path) -> None:
                                "--port", str(port)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "listening on" not in done.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr and "--port" in done.stderr
+
+
+def test_limits_hold_for_the_whole_plan_of_a_job(a1111_models: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    root = copy_models(a1111_models, tmp_path / "data")
+    with running_server(root, workers=0) as (url, service):
+        c = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {service.store.add_user('alice')}"}, timeout=60)
+        service.store.set_user_limits("alice", {"max_pixels": 16384, "max_steps": 6, "max_images": 2})
+        base = {"prompt": "a cat", "width": 64, "height": 64, "steps": 4}
+        init = png_b64(Image.new("RGB", (64, 64), (10, 120, 40)))
+
+        def refused(params: dict, *words: str, kind: str = "txt2img") -> None:
+            a1111_error(c.post("/api/v1/jobs", json={"type": kind, "params": params}), 422, *words)
+
+        assert c.post("/api/v1/jobs", json={"params": base}).status_code == 202  # within every limit
+        xyz = ["Steps", ",".join(["100"] * 3), [], "Seed", ",".join(str(i) for i in range(50)), [], "Nothing", "", []]
+        refused({**base, "script_name": "X/Y/Z plot", "script_args": xyz}, "max_steps=6")
+        xyz = ["Seed", "1,2,3", [], "Nothing", "", [], "Nothing", "", []]
+        refused({**base, "script_name": "X/Y/Z plot", "script_args": xyz}, "3 images", "max_images=2")
+        refused({**base, "prompt": "a|b|c", "script_name": "Prompt matrix"}, "4 images", "max_images=2")
+        refused({**base, "enable_hr": True, "hr_resize_x": 4096, "hr_resize_y": 4096}, "hires fix 4096x4096", "max_pixels")
+        refused({**base, "init_images": [init], "outpaint_left": 2048, "outpaint_right": 2048}, "outpainting canvas 4160x64",
+                "maximum of 4096", kind="img2img")
+        refused({**base, "init_images": [init], "script_name": "SD upscale", "script_args": [None, 8, "Lanczos", 4.0]},
+                "SD upscale output 256x256", "max_pixels", kind="img2img")
+        refused({"image": init, "upscaler_1": "Lanczos", "upscaling_resize": 8}, "extras output 512x512", "max_pixels",
+                kind="extras")
+        service.store.set_user_limits("alice", {"max_pixels": None, "max_steps": None, "max_images": None, "max_work": 10**6})
+        refused({**base, "width": 512, "height": 512}, "max_work")
+        assert [j.id for j in service.store.list_jobs("alice")] and len(service.store.list_jobs("alice")) == 1

@@ -18,6 +18,7 @@ from typing import Any
 from ..errors import InvalidRequestError
 from ..paths import DataDirs
 from ..request import GenerationRequest, parse_request
+from . import costs
 from .events import EventHub, EventRelay
 from .store import Job, JobStatus, LimitError, Store, User
 
@@ -36,6 +37,9 @@ class Limits:
     max_batch_size: int = 8
     max_images: int = 64  # batch_size * n_iter
     max_prompt_chars: int = 20000  # each prompt; encoding cost grows with length (1 MB took 37 s)
+    # Pixels x steps summed over every image and pass of one job (hires, cells, tiles): its GPU time.
+    # 1e10 is e.g. 8 SDXL images at 1024x1024, 40 steps, with a 2x hires fix, ten times over.
+    max_work: int = 10**10
 
     def merged(self, overrides: dict[str, Any]) -> Limits:
         known = {k: int(v) for k, v in overrides.items() if k in self.__dataclass_fields__}
@@ -226,8 +230,9 @@ class Service:
         samplers.resolve(req.sampler_name, req.scheduler)
         eng = self.engine
         eng.check_upscaler(req)
-        if req.script_name:
-            eng.script(req)  # every axis value is checked now, not when the job runs
+        # The whole plan (scripts' cells and tiles, hires and outpainting passes) against the limits;
+        # scripts' axis values are checked on the way, before anything runs.
+        costs.check(costs.generation_cost(eng, req), limits)
         info = eng.resolve_model(req)
         if req.vae:
             eng.registry.find_vae(req.vae)
@@ -251,6 +256,7 @@ class Service:
             ereq = parse_extras(params)
             for i, data in enumerate(ereq.images):
                 decode_image(data, f"image[{i}]")
+            costs.check(costs.extras_cost(ereq), self.settings.limits.merged(user.limits))
             for name in {ereq.upscaler_1, ereq.upscaler_2}:
                 self.engine.upscalers.find(name)
             # Missing face weights: say which file to put where now, not when the job runs.
