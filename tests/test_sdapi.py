@@ -123,10 +123,40 @@ def test_interrupt_stops_my_own_job(server) -> None:
     deadline = time.monotonic() + 60
     while "a2" not in service.live and time.monotonic() < deadline:
         time.sleep(0.02)
+    while service.live["a2"].step < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
     c["alice"].post("/sdapi/v1/interrupt")
     t.join(120)
-    assert result["r"].status_code == 200 and result["r"].json()["images"] == []
-    assert service.store.get("a2").status.value == "canceled"
+    # As A1111: the unfinished image comes back (clients index images[0]), with its real seed and
+    # model, and is saved; the job is done, not canceled.
+    r = result["r"]
+    assert r.status_code == 200 and len(r.json()["images"]) == 1
+    info = json.loads(r.json()["info"])
+    assert info["seed"] == A1111_BODY["seed"] and info["sd_model_name"] and "interrupted" in " ".join(info["warnings"])
+    job = service.store.get("a2")
+    assert job.status.value == "succeeded" and len(service.store.list_images("alice")) == 1
+    png = base64.b64decode(r.json()["images"][0])
+    assert parse_infotext(read_infotext(png))["Seed"] == str(A1111_BODY["seed"])
+
+
+def test_skip_keeps_the_unfinished_batch_and_goes_on(server) -> None:
+    _, service, c = server
+    result = {}
+
+    def run() -> None:
+        body = {**A1111_BODY, "steps": 150, "n_iter": 2, "force_task_id": "s1"}
+        result["r"] = c["alice"].post("/sdapi/v1/txt2img", json=body)
+
+    t = threading.Thread(target=run)
+    t.start()
+    deadline = time.monotonic() + 60
+    while ("s1" not in service.live or service.live["s1"].step < 2) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    c["alice"].post("/sdapi/v1/skip")
+    t.join(180)
+    info = json.loads(result["r"].json()["info"])
+    assert len(result["r"].json()["images"]) == 2 and info["all_seeds"] == [42, 43]
+    assert any("batch 1 of 2 was skipped" in w for w in info["warnings"])
 
 
 def test_list_routes_have_a1111_shapes(server) -> None:

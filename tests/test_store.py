@@ -486,8 +486,8 @@ def test_controls_and_events_between_processes(opener: Opener) -> None:
     s1.ensure_user("alice")
     job = s1.submit("alice", "txt2img", {})
     s1.claim_next("w", dispatcher="A")
-    assert s2.request_skip(job.id) and s2.request_cancel(job.id).cancel_requested
-    assert s1.running_controls("A") == [(job.id, 1, True, 1)] and s1.running_controls("B") == []
+    assert s2.request_skip(job.id) and s2.request_stop(job.id) and s2.request_cancel(job.id).cancel_requested
+    assert s1.running_controls("A") == [(job.id, 1, True, 1, True)] and s1.running_controls("B") == []
     last, _ = s2.events_since(None, "B")
     s1.add_events("A", [{"type": "progress", "job_id": job.id, "owner": "alice", "step": 1}])
     s2.add_events("B", [{"type": "progress", "job_id": job.id, "owner": "alice", "step": 2}])

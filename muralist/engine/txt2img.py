@@ -31,18 +31,22 @@ from .seeds import RNG_SOURCE, ImageNoise, all_seeds
 
 
 class Interrupted(Exception):
-    """The job was interrupted by its owner; the partial images are discarded."""
+    """The job was canceled by its owner; the partial images are discarded."""
 
 
 @dataclass
 class JobControl:
     """Interrupt/skip flags of ONE job (A1111 has one global pair; here every job has its own)."""
 
-    interrupted: threading.Event = field(default_factory=threading.Event)
-    skipped: threading.Event = field(default_factory=threading.Event)
+    interrupted: threading.Event = field(default_factory=threading.Event)  # cancel: nothing is kept
+    skipped: threading.Event = field(default_factory=threading.Event)  # end this batch, keep it as it is
+    stopped: threading.Event = field(default_factory=threading.Event)  # A1111's interrupt: keep what is done
 
     def interrupt(self) -> None:
         self.interrupted.set()
+
+    def stop_early(self) -> None:
+        self.stopped.set()
 
     def skip(self) -> None:
         self.skipped.set()
@@ -163,7 +167,7 @@ def sample(
     b = latents.shape[0]
     built_for: tuple[int, ...] | None = None
     for i, t in enumerate(timesteps):
-        if control is not None and (control.interrupted.is_set() or control.skipped.is_set()):
+        if _stopped(control):
             break
         parts, uncond = conds.at(i)
         key = (*(id(c) for c, _ in parts), id(uncond))
@@ -395,6 +399,8 @@ def generate_images(
         for n in range(req.n_iter):
             if control is not None and control.interrupted.is_set():
                 raise Interrupted()
+            if control is not None and control.stopped.is_set():
+                break  # A1111's interrupt: the batches done so far are the result
             if control is not None:
                 control.skipped.clear()
             bs = slice(n * req.batch_size, (n + 1) * req.batch_size)
@@ -439,9 +445,10 @@ def generate_images(
                 extra_params.update(_hires_params(req, hr_upscaler, strength, hr_choice, choice))
             if control is not None and control.interrupted.is_set():
                 raise Interrupted()
-            if control is not None and control.skipped.is_set():
-                result.warnings.append(f"batch {n + 1} of {req.n_iter} was skipped")
-                continue
+            if control is not None and (control.skipped.is_set() or control.stopped.is_set()):
+                # A1111 decodes the latents as they are and keeps that image (with its real seed).
+                how = "interrupted" if control.stopped.is_set() else "skipped"
+                result.warnings.append(f"batch {n + 1} of {req.n_iter} was {how}: its images are unfinished")
             images = decode(vae, latents, model.vae_scale)
             if inputs is not None and inputs.mask is not None:
                 from .images import paste_back
@@ -471,7 +478,7 @@ txt2img = generate_images  # the name callers used before img2img existed
 
 
 def _stopped(control: JobControl | None) -> bool:
-    return control is not None and (control.interrupted.is_set() or control.skipped.is_set())
+    return control is not None and (control.interrupted.is_set() or control.skipped.is_set() or control.stopped.is_set())
 
 
 def _inpaint_image_cond(model: LoadedModel, vae: Any, images: list[Image.Image], latent_mask: torch.Tensor | None,

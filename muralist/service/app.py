@@ -186,6 +186,12 @@ def create_app(service: Service, auth: AuthConfig | None = None, cors_origins: l
     def cancel(job_id: str, user: User = Depends(current_user)) -> dict[str, Any]:
         return job_view(service, service.cancel(own_job(job_id, user)))
 
+    @app.post("/api/v1/jobs/{job_id}/interrupt")
+    def interrupt(job_id: str, user: User = Depends(current_user)) -> dict[str, Any]:
+        """A1111's interrupt: end now and keep the images made so far (cancel discards them)."""
+        job = own_job(job_id, user)
+        return {"id": job.id, "interrupted": service.interrupt(job)}
+
     @app.post("/api/v1/jobs/{job_id}/skip")
     def skip(job_id: str, user: User = Depends(current_user)) -> dict[str, Any]:
         job = own_job(job_id, user)

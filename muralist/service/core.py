@@ -305,6 +305,15 @@ class Service:
             self.dispatcher.skip(job.id)
         return True
 
+    def interrupt(self, job: Job) -> bool:
+        """A1111's interrupt: the running job ends now and keeps the images made so far (partial
+        ones included); False if it is not running. ``cancel`` is the one that discards."""
+        if not self.store.request_stop(job.id):
+            return False
+        if self.dispatcher is not None:
+            self.dispatcher.stop_early(job.id)
+        return True
+
     # ------------------------------------------------------------- workers
 
     def loaded_keys(self) -> set[str]:

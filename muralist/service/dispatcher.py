@@ -51,6 +51,7 @@ class Run:
     reason: str | None = None  # why we interrupted it: "cancel", "stop", "lease" or "stalled"
     abandoned: bool = False  # the watchdog gave up on it: whatever it still sends is ignored
     skips_sent: int = 0
+    stop_sent: bool = False
 
 
 @dataclass
@@ -140,16 +141,23 @@ class Dispatcher:
     def skip(self, job_id: str) -> bool:
         return self._control(job_id, "skip")
 
+    def stop_early(self, job_id: str) -> bool:
+        """A1111's interrupt: the job ends now and keeps the images made so far."""
+        return self._control(job_id, "stop_early")
+
     def _control(self, job_id: str, action: str) -> bool:
         with self._lock:
             found = self._runs.get(job_id)
         if found is None:
             return False
         slot, run = found
+        # Marked as delivered, so that the poll of running_controls does not deliver it again.
         if action == "interrupt":
             run.reason = "cancel"
+        elif action == "skip":
+            run.skips_sent += 1
         else:
-            run.skips_sent += 1  # so that the poll of running_controls does not deliver it again
+            run.stop_sent = True
         self._safe(slot, lambda: getattr(slot.handle, action)(job_id, run.job.attempts))
         return True
 
@@ -201,7 +209,7 @@ class Dispatcher:
         self.service.publish({"type": "started", "owner": job.owner, "job_id": job.id, "worker": slot.name,
                               "steps": int(job.params.get("steps", 0) or 0), "n_iter": int(job.params.get("n_iter", 1) or 1)})
         payload = {"id": job.id, "attempt": job.attempts, "type": job.type, "params": job.params, "owner": job.owner,
-                   "cancel_requested": job.cancel_requested}
+                   "cancel_requested": job.cancel_requested, "stop_requested": job.stop_requested}
         lost = False
         try:
             for ev in slot.handle.run(payload):
@@ -337,7 +345,7 @@ class Dispatcher:
                 self._safe(slot, lambda s=slot, r=run: s.handle.interrupt(r.job.id, r.job.attempts))
 
     def _deliver_controls(self) -> None:
-        for job_id, attempt, cancel, skips in self.store.running_controls(self.instance):
+        for job_id, attempt, cancel, skips, stop in self.store.running_controls(self.instance):
             found = self._runs.get(job_id)
             if found is None or found[1].job.attempts != attempt:
                 continue
@@ -345,6 +353,9 @@ class Dispatcher:
             if cancel and run.reason is None:
                 run.reason = "cancel"
                 self._safe(slot, lambda s=slot, j=job_id, a=attempt: s.handle.interrupt(j, a))
+            if stop and not run.stop_sent:
+                run.stop_sent = True
+                self._safe(slot, lambda s=slot, j=job_id, a=attempt: s.handle.stop_early(j, a))
             while run.skips_sent < skips:
                 run.skips_sent += 1
                 self._safe(slot, lambda s=slot, j=job_id, a=attempt: s.handle.skip(j, a))

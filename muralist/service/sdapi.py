@@ -217,8 +217,10 @@ def install(app: FastAPI, service: Service) -> None:
 
     @r.post("/sdapi/v1/interrupt")
     def interrupt(user: User = Depends(current_user)) -> dict[str, Any]:
+        # As A1111: the current job stops and returns (and saves) what it has, partial image
+        # included. Only the caller's own jobs.
         for job in own_running(user):
-            service.cancel(job)
+            service.interrupt(job)
         return {}
 
     @r.post("/sdapi/v1/skip")

@@ -59,6 +59,7 @@ class Job:
     lease_until: float | None = None  # unix time; a running job whose lease lapsed is re-queued by any dispatcher
     failures: int = 0  # runs lost to a dead or stalled worker (a graceful stop does not count)
     skip_count: int = 0  # skip requests so far; dispatchers deliver new ones to the worker
+    stop_requested: bool = False  # A1111's interrupt: end early and keep the images made so far
 
 
 @dataclass
@@ -159,6 +160,7 @@ MIGRATIONS: list[list[str | dict[str, str]]] = [
         "ALTER TABLE jobs ADD COLUMN lease_until DOUBLE PRECISION",
         "ALTER TABLE jobs ADD COLUMN failures INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE jobs ADD COLUMN skip_count INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE jobs ADD COLUMN stop_requested INTEGER NOT NULL DEFAULT 0",
         {
             "sqlite": "CREATE TABLE job_events (id INTEGER PRIMARY KEY AUTOINCREMENT, instance TEXT NOT NULL, "
                       "payload TEXT NOT NULL, created_at DOUBLE PRECISION NOT NULL)",
@@ -460,6 +462,7 @@ def _job(row: dict[str, Any]) -> Job:
         lease_until=row["lease_until"],
         failures=row["failures"],
         skip_count=row["skip_count"],
+        stop_requested=bool(row["stop_requested"]),
     )
 
 
@@ -863,15 +866,22 @@ class Store:
                 failed += status == "failed"
         return requeued, failed
 
-    def running_controls(self, dispatcher: str) -> list[tuple[str, int, bool, int]]:
-        """(job id, attempt, cancel requested, skip count) of the running jobs of one dispatcher:
-        how a cancel or skip made through another API process reaches the worker."""
+    def running_controls(self, dispatcher: str) -> list[tuple[str, int, bool, int, bool]]:
+        """(job id, attempt, cancel requested, skip count, stop requested) of the running jobs of one
+        dispatcher: how a cancel, skip or interrupt made through another API process reaches the worker."""
         with self._tx() as tx:
             rows = tx.rows(
-                "SELECT id, attempts, cancel_requested, skip_count FROM jobs WHERE dispatcher = ? AND status = 'running'",
+                "SELECT id, attempts, cancel_requested, skip_count, stop_requested FROM jobs "
+                "WHERE dispatcher = ? AND status = 'running'",
                 (dispatcher,),
             )
-        return [(r["id"], int(r["attempts"]), bool(r["cancel_requested"]), int(r["skip_count"])) for r in rows]
+        return [(r["id"], int(r["attempts"]), bool(r["cancel_requested"]), int(r["skip_count"]), bool(r["stop_requested"]))
+                for r in rows]
+
+    def request_stop(self, job_id: str) -> bool:
+        """A1111's interrupt of a running job: it ends early and keeps what it made; False if not running."""
+        with self._tx(write=True) as tx:
+            return bool(tx.execute("UPDATE jobs SET stop_requested = 1 WHERE id = ? AND status = 'running'", (job_id,)))
 
     def request_skip(self, job_id: str) -> bool:
         """Count a skip request for a running job (its dispatcher tells the worker); False if not running."""
@@ -948,7 +958,8 @@ class Store:
                 # may have canceled it since our SELECT; then pick again.
                 if tx.execute(
                     "UPDATE jobs SET status = 'running', attempts = attempts + 1, started_at = ?, worker = ?, "
-                    "cancel_requested = 0, dispatcher = ?, lease_until = ? WHERE id = ? AND status = 'queued'",
+                    "cancel_requested = 0, stop_requested = 0, dispatcher = ?, lease_until = ? "
+                    "WHERE id = ? AND status = 'queued'",
                     (now, worker, dispatcher, now + lease, chosen["id"]),
                 ):
                     break

@@ -57,6 +57,9 @@ class LocalHandle:
     def skip(self, job_id: str, attempt: int | None = None) -> None:
         self.worker.skip(job_id, attempt)
 
+    def stop_early(self, job_id: str, attempt: int | None = None) -> None:
+        self.worker.stop_early(job_id, attempt)
+
     def kill(self) -> None:
         self._abandoned.set()
         info = self.worker.info()

@@ -97,6 +97,10 @@ def _actor_class() -> Any:
         def skip(self, job_id: str, attempt: int | None = None) -> bool:
             return self.worker.skip(job_id, attempt)
 
+        @ray.method(concurrency_group="control")
+        def stop_early(self, job_id: str, attempt: int | None = None) -> bool:
+            return self.worker.stop_early(job_id, attempt)
+
     return WorkerActor
 
 
@@ -185,6 +189,9 @@ class RayHandle:
 
     def skip(self, job_id: str, attempt: int | None = None) -> None:
         self.actor.skip.remote(job_id, attempt)
+
+    def stop_early(self, job_id: str, attempt: int | None = None) -> None:
+        self.actor.stop_early.remote(job_id, attempt)
 
     def kill(self) -> None:
         # Restarted by Ray (max_restarts=-1) in a fresh process; the hung one is gone.

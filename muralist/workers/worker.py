@@ -93,6 +93,9 @@ class Worker:
     def skip(self, job_id: str, attempt: int | None = None) -> bool:
         return self._control(job_id, attempt, "skip")
 
+    def stop_early(self, job_id: str, attempt: int | None = None) -> bool:
+        return self._control(job_id, attempt, "stop_early")
+
     def _control(self, job_id: str, attempt: int | None, action: str) -> bool:
         with self._lock:
             cur = self._current
@@ -215,6 +218,8 @@ class Worker:
         kind, params = job["type"], job["params"]
         if job.get("cancel_requested"):
             control.interrupt()
+        if job.get("stop_requested"):
+            control.stop_early()
         if kind == "interrogate":
             from ..engine.images import decode_image
 
