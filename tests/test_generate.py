@@ -187,7 +187,7 @@ def test_interrupt_stops_the_job_and_saves_nothing(engine, tmp_path: Path) -> No
     assert not list(tmp_path.glob("*.png"))
 
 
-def test_skip_drops_the_current_batch_only(engine, tmp_path: Path) -> None:
+def test_skip_keeps_the_current_batch_unfinished_and_goes_on(engine, tmp_path: Path) -> None:
     control = JobControl()
 
     def progress(p) -> None:
@@ -195,8 +195,23 @@ def test_skip_drops_the_current_batch_only(engine, tmp_path: Path) -> None:
             control.skip()
 
     saved = engine.generate(req(steps=3, n_iter=2), control=control, progress=progress, save_to=tmp_path)
-    assert saved.result.seeds == [1235]
+    assert saved.result.seeds == [1234, 1235]  # A1111 keeps the skipped image, decoded as it was
     assert "skipped" in saved.result.warnings[0]
+    full = engine.generate(req(steps=3, n_iter=2), save_to=tmp_path / "full")
+    assert (pixels(saved.result.images[0]) != pixels(full.result.images[0])).any()  # unfinished
+    assert (pixels(saved.result.images[1]) == pixels(full.result.images[1])).all()  # the next batch is whole
+
+
+def test_stop_early_keeps_what_is_done(engine, tmp_path: Path) -> None:
+    control = JobControl()
+
+    def progress(p) -> None:
+        if p.batch == 0 and p.step == 1:
+            control.stop_early()
+
+    saved = engine.generate(req(steps=3, n_iter=2), control=control, progress=progress, save_to=tmp_path)
+    assert saved.result.seeds == [1234] and len(saved.paths) == 1 and saved.paths[0].is_file()
+    assert "interrupted" in saved.result.warnings[0]
 
 
 def test_progress_reports_steps_and_eta(engine, tmp_path: Path) -> None:

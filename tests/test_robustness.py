@@ -231,3 +231,25 @@ def test_limits_hold_for_the_whole_plan_of_a_job(a1111_models: Path, tmp_path: P
         service.store.set_user_limits("alice", {"max_pixels": None, "max_steps": None, "max_images": None, "max_work": 10**6})
         refused({**base, "width": 512, "height": 512}, "max_work")
         assert [j.id for j in service.store.list_jobs("alice")] and len(service.store.list_jobs("alice")) == 1
+
+
+def test_input_images_live_in_files_not_in_the_database(a1111_models: Path, tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    root = copy_models(a1111_models, tmp_path / "data")
+    noise = np.random.default_rng(1).integers(0, 255, (1024, 1024, 3), dtype=np.uint8)
+    init = png_b64(Image.fromarray(noise))  # ~4 MB of base64 that does not compress
+    with running_server(root, workers=1) as (url, service):
+        c = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {service.store.add_user('alice')}"}, timeout=120)
+        params = {**SMALL, "steps": 2, "init_images": [init], "denoising_strength": 0.5}
+        job_id = c.post("/api/v1/jobs", json={"type": "img2img", "params": params}).json()["id"]
+        row = service.store.get(job_id)
+        assert len(json.dumps(row.params)) < 20_000  # a reference, not the image
+        stored = list((root / "inputs" / "alice").glob("*"))
+        from tests.server_util import wait_job
+
+        job = wait_job(c, job_id)
+        assert job["status"] == "succeeded" and job["params"]["init_images"] == "<1 image(s)>"
+        assert stored and not any(p.exists() for p in stored)  # gone once the job ended
+        assert (root / "muralist.db").stat().st_size < 2 * 2**20

@@ -18,7 +18,7 @@ from typing import Any
 from ..errors import InvalidRequestError
 from ..paths import DataDirs
 from ..request import GenerationRequest, parse_request
-from . import costs
+from . import costs, inputs
 from .events import EventHub, EventRelay
 from .store import Job, JobStatus, LimitError, Store, User
 
@@ -273,8 +273,13 @@ class Service:
         limits = self.settings.limits.merged(user.limits)
         if job_id is not None and (other := self.store.get(job_id)) is not None and other.owner != user.name:
             job_id = None  # another user's id (A1111's force_task_id): a new id, and nothing about theirs
-        job = self.store.submit(user.name, job_type, params, priority=priority, model_key=model_key, job_id=job_id,
-                                max_queued=limits.max_queued)
+        params = inputs.store_inputs(self.dirs.root, user.name, params)  # images as files, not in the row
+        try:
+            job = self.store.submit(user.name, job_type, params, priority=priority, model_key=model_key, job_id=job_id,
+                                    max_queued=limits.max_queued)
+        except BaseException:
+            inputs.delete_inputs(self.dirs.root, params)
+            raise
         self.publish({"type": "queued", "owner": job.owner, "job_id": job.id, "position": self.store.position(job.id)})
         self.wake()
         return job
@@ -286,6 +291,8 @@ class Service:
         if self.dispatcher is not None:
             self.dispatcher.interrupt(job.id)
         if updated.status is JobStatus.CANCELED:
+            if job.status is JobStatus.QUEUED:  # never ran: no dispatcher will clean up after it
+                inputs.delete_inputs(self.dirs.root, updated.params)
             self.publish({"type": "canceled", "owner": job.owner, "job_id": job.id})
         return updated
 
@@ -340,6 +347,8 @@ class Service:
             try:
                 if n := self.prune():
                     log.info("pruned %d finished jobs older than %g days", n, self.settings.keep_days)
+                assert self.settings.keep_days is not None
+                inputs.prune_inputs(self.dirs.root, time.time() - self.settings.keep_days * 86400)
             except Exception:
                 log.exception("pruning history failed")
             self._stop.wait(3600)

@@ -29,7 +29,9 @@ from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..errors import MuralistError
 from ..workers.local import WorkerLost
+from . import inputs
 from .store import Job, JobStatus, NewImage
 
 if TYPE_CHECKING:
@@ -208,10 +210,15 @@ class Dispatcher:
         job = run.job
         self.service.publish({"type": "started", "owner": job.owner, "job_id": job.id, "worker": slot.name,
                               "steps": int(job.params.get("steps", 0) or 0), "n_iter": int(job.params.get("n_iter", 1) or 1)})
-        payload = {"id": job.id, "attempt": job.attempts, "type": job.type, "params": job.params, "owner": job.owner,
-                   "cancel_requested": job.cancel_requested, "stop_requested": job.stop_requested}
         lost = False
         try:
+            try:
+                params = inputs.load_inputs(self.service.dirs.root, job.params)
+            except MuralistError as e:
+                self._failed(run, str(e), user=True)
+                return
+            payload = {"id": job.id, "attempt": job.attempts, "type": job.type, "params": params, "owner": job.owner,
+                       "cancel_requested": job.cancel_requested, "stop_requested": job.stop_requested}
             for ev in slot.handle.run(payload):
                 run.last_event = time.monotonic()
                 if run.abandoned:
@@ -269,6 +276,9 @@ class Dispatcher:
         now = self.store.get(job.id)
         if now is None or now.attempts != job.attempts:
             log.warning("dropped a late result of job %s (attempt %d): the job was re-run", job.id, job.attempts)
+            return
+        if now.status.finished:
+            inputs.delete_inputs(self.service.dirs.root, job.params)
         elif now.status is JobStatus.SUCCEEDED:
             self.service.publish({"type": "finished", "owner": job.owner, "job_id": job.id, "images": result["images"],
                                   "warnings": result.get("warnings", [])})
@@ -282,6 +292,7 @@ class Dispatcher:
         current = self.store.get(job.id)
         if run.reason == "cancel" or (current is not None and current.cancel_requested):
             self.service.discard(self.store.mark_canceled(job.id, attempt=job.attempts))
+            inputs.delete_inputs(self.service.dirs.root, job.params)
             self.service.publish({"type": "canceled", "owner": job.owner, "job_id": job.id})
         else:
             self._requeue(run, "the server stopped while this job ran", failure=False)
@@ -289,6 +300,7 @@ class Dispatcher:
     def _failed(self, run: Run, message: str, user: bool) -> None:
         job = run.job
         self.service.discard(self.store.fail(job.id, message, attempt=job.attempts))
+        inputs.delete_inputs(self.service.dirs.root, job.params)
         self.service.publish({"type": "failed", "owner": job.owner, "job_id": job.id,
                               "error": message if user else "internal error"})
 
@@ -302,6 +314,8 @@ class Dispatcher:
         if status is None:
             return
         log.warning("job %s attempt %d: %s -> %s", job.id, job.attempts, reason, status)
+        if status != "queued":
+            inputs.delete_inputs(self.service.dirs.root, job.params)
         event = {"queued": "requeued", "failed": "failed", "canceled": "canceled"}[status]
         self.service.publish({"type": event, "owner": job.owner, "job_id": job.id, "reason": reason,
                               **({"error": reason} if status == "failed" else {})})
