@@ -50,6 +50,10 @@ def test_extras_and_model_upscalers(a1111_models: Path, tmp_path: Path) -> None:
         r = c.post("/sdapi/v1/extra-batch-images", json={"imageList": [{"data": b64(picture()), "name": "a"}, {"data": b64(picture(32, 32)), "name": "b"}],
                                                          "resize_mode": 1, "upscaling_resize_w": 64, "upscaling_resize_h": 64, "upscaler_1": "Lanczos"})
         assert r.status_code == 200 and [Image.open(io.BytesIO(base64.b64decode(i))).size for i in r.json()["images"]] == [(64, 64)] * 2
+        # Without upscaling_crop A1111 keeps the aspect ratio: scaled to cover 64x64, not cut.
+        r = c.post("/sdapi/v1/extra-single-image", json={"image": b64(picture()), "resize_mode": 1, "upscaling_resize_w": 64,
+                                                         "upscaling_resize_h": 64, "upscaling_crop": False, "upscaler_1": "Lanczos"})
+        assert Image.open(io.BytesIO(base64.b64decode(r.json()["image"]))).size == (104, 64)
 
         bad = c.post("/sdapi/v1/extra-single-image", json={"image": b64(picture()), "upscaler_1": "tiny-esrgn"})
         assert bad.status_code == 422 and "tiny-esrgan" in bad.json()["detail"]

@@ -253,3 +253,20 @@ def test_input_images_live_in_files_not_in_the_database(a1111_models: Path, tmp_
         assert job["status"] == "succeeded" and job["params"]["init_images"] == "<1 image(s)>"
         assert stored and not any(p.exists() for p in stored)  # gone once the job ended
         assert (root / "muralist.db").stat().st_size < 2 * 2**20
+
+
+def test_concurrent_jobs_of_one_user_never_overwrite_files(a1111_models: Path, tmp_path: Path) -> None:
+    from tests.server_util import wait_job
+
+    root = copy_models(a1111_models, tmp_path / "data")
+    with running_server(root, workers=2) as (url, service):
+        c = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {service.store.add_user('alice')}"}, timeout=120)
+        # Same seed: A1111 would name every file 0000N-7.png; two workers write at the same moment.
+        ids = [c.post("/api/v1/jobs", json={"params": {**SMALL, "seed": 7}}).json()["id"] for _ in range(6)]
+        for job_id in ids:
+            assert wait_job(c, job_id)["status"] == "succeeded"
+        records = service.store.list_images("alice")
+        files = sorted(p for p in (root / "outputs").rglob("*.png"))
+        assert len(records) == 6 and len(files) == 6 and sorted(root / r.path for r in records) == files
+        assert sorted(p.name for p in files) == [f"{i:05d}-7.png" for i in range(6)]
+        assert not list((root / "outputs").rglob(".incoming-*"))  # no temporary files left behind

@@ -129,6 +129,11 @@ def test_remove_user_cancels_their_queue(store: Store) -> None:
     assert store.get(queued.id).status is JobStatus.CANCELED
     assert store.get(running.id).cancel_requested
     assert store.get(other.id).status is JobStatus.QUEUED
+    # A new "bob" is someone else: he starts empty; the old history is still there for admins.
+    store.add_user("bob")
+    assert store.list_jobs("bob") == [] and store.list_images("bob") == []
+    assert {j.owner.split("~")[0] for j in store.list_jobs(None)} == {"alice", "bob"}
+    assert store.get(queued.id).owner.startswith("bob~")
 
 
 # ---------------------------------------------------------------- jobs

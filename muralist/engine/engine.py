@@ -282,9 +282,12 @@ class Engine:
         if kind == "xyz":
             out = run_xyz(self, base, spec, control, progress, save_to=folder, grid_dir=folder)
         else:
-            args = list(req.script_args) + [False, False]
+            # A1111's order: put_at_start, different_seeds, prompt_type, variations_delimiter, margin_size.
+            args = list(req.script_args) + [None] * 5
             out = run_prompt_matrix(self, base, save_to=folder, control=control, progress=progress,
-                                    put_at_start=bool(args[0]), different_seeds=bool(args[1]), grid_dir=folder)
+                                    put_at_start=bool(args[0]), different_seeds=bool(args[1]),
+                                    prompt_type=str(args[2] or "positive"), variations_delimiter=str(args[3] or "comma"),
+                                    margin_size=int(args[4] or 0), grid_dir=folder)
         choice_sampler = base.sampler_name or "Euler"
         result = GenerationResult(list(out.grids) + list(out.images), list(out.grid_infotexts) + list(out.infotexts),
                                   [out.seeds[0] if out.seeds else -1] * len(out.grids) + list(out.seeds),

@@ -99,8 +99,9 @@ def extras_cost(ereq: Any) -> Cost:
         w, h = _image_size(data)
         if ereq.upscaler_1 == "None" and ereq.upscaler_2 == "None":
             out_w, out_h = w, h
-        elif ereq.resize_mode == 1:
-            out_w, out_h = ereq.upscaling_resize_w, ereq.upscaling_resize_h
+        elif ereq.resize_mode == 1:  # scaled to cover the size, then (upscaling_crop) cut to it
+            s = max(ereq.upscaling_resize_w / w, ereq.upscaling_resize_h / h)
+            out_w, out_h = max(int(w * s), ereq.upscaling_resize_w), max(int(h * s), ereq.upscaling_resize_h)
         else:
             out_w, out_h = int(w * ereq.upscaling_resize), int(h * ereq.upscaling_resize)
         cost.add_pass(out_w, out_h, 1, 1, "extras output")

@@ -604,8 +604,9 @@ class Store:
         return _user(row)
 
     def remove_user(self, name: str) -> bool:
-        """Delete the account (its key stops working) and cancel its queued and running jobs.
-        Finished jobs and image records stay (list_images(name) to delete them). False if unknown."""
+        """Delete the account (its key stops working) and cancel its queued and running jobs. Its
+        jobs and image records stay, owned by ``name~<random>`` (admins still see them), so a user
+        re-created with this name sees none of them. False if unknown."""
         now = time.time()
         with self._tx(write=True, lock="queue") as tx:
             if not tx.execute("DELETE FROM users WHERE name = ?", (name,)):
@@ -616,6 +617,11 @@ class Store:
                 (now, name),
             )
             tx.execute("UPDATE jobs SET cancel_requested = 1 WHERE owner = ? AND status = 'running'", (name,))
+            # The history stays (admins see it) but leaves the name: a user created later with the
+            # same name starts empty. "~" is not allowed in names, so no one can take this one.
+            detached = f"{name}~{uuid.uuid4().hex[:8]}"
+            tx.execute("UPDATE jobs SET owner = ? WHERE owner = ?", (detached, name))
+            tx.execute("UPDATE images SET owner = ? WHERE owner = ?", (detached, name))
         return True
 
     def reset_key(self, name: str) -> str:

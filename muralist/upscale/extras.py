@@ -56,9 +56,16 @@ def run_extras(engine: Any, req: ExtrasRequest, image: Image.Image) -> tuple[Ima
 
     info: dict[str, Any] = {}
     if req.upscaler_1 != "None" or req.upscaler_2 != "None":
+        crop_to = None
         if req.resize_mode == 1:
-            kw: dict[str, Any] = {"target": (req.upscaling_resize_w, req.upscaling_resize_h)}
-            info["Postprocess upscale to"] = f"{req.upscaling_resize_w}x{req.upscaling_resize_h}"
+            # A1111: scale until the image covers the size (aspect kept), then, with upscaling_crop,
+            # cut the centre to exactly that size.
+            w, h = req.upscaling_resize_w, req.upscaling_resize_h
+            kw: dict[str, Any] = {"scale": max(w / image.width, h / image.height)}
+            crop_to = (w, h) if req.upscaling_crop else None
+            info["Postprocess upscale to"] = f"{w}x{h}"
+            if req.upscaling_crop:
+                info["Postprocess crop to"] = f"{w}x{h}"
         else:
             kw = {"scale": req.upscaling_resize}
             info["Postprocess upscale by"] = f"{req.upscaling_resize:g}"
@@ -69,6 +76,11 @@ def run_extras(engine: Any, req: ExtrasRequest, image: Image.Image) -> tuple[Ima
             second = upscale(image, req.upscaler_2, engine.upscalers, device=dev, **kw).resize(first.size, Image.LANCZOS)
             first = Image.blend(first.convert("RGB"), second.convert("RGB"), req.extras_upscaler_2_visibility)
             info["Postprocess upscaler 2"] = req.upscaler_2
+        if crop_to is not None and first.size != crop_to:
+            if first.width < crop_to[0] or first.height < crop_to[1]:  # rounding left it a pixel short
+                first = first.resize((max(first.width, crop_to[0]), max(first.height, crop_to[1])), Image.LANCZOS)
+            left, top = (first.width - crop_to[0]) // 2, (first.height - crop_to[1]) // 2
+            first = first.crop((left, top, left + crop_to[0], top + crop_to[1]))
         image = first
     if req.gfpgan_visibility > 0:
         image = engine.faces.restore(image, model="GFPGAN", visibility=req.gfpgan_visibility)
