@@ -114,9 +114,16 @@ def create_app(service: Service, auth: AuthConfig | None = None, cors_origins: l
         return error_response(type(exc).__name__, str(exc), status)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         response = error_response(_HTTP_ERRORS.get(exc.status_code, "HTTPException"), str(exc.detail), exc.status_code)
         response.headers.update(exc.headers or {})
+        if exc.status_code == 405:  # every method of the path, not just those of the first route matched
+            from starlette.routing import Match
+
+            methods = {m for r in _walk(request.app.routes)
+                       if r.matches({**request.scope, "method": next(iter(r.methods))})[0] is Match.FULL
+                       for m in r.methods}
+            response.headers["Allow"] = ", ".join(sorted(methods))
         return response
 
     @app.exception_handler(RequestValidationError)
@@ -205,7 +212,8 @@ def create_app(service: Service, auth: AuthConfig | None = None, cors_origins: l
         others = sum(1 for j in order if j.owner != user.name)
         return {"queued": mine, "running": running, "others_queued": others, "total_queued": len(order)}
 
-    @app.get("/api/v1/images/{image_id}")
+    @app.get("/api/v1/images/{image_id}", response_class=FileResponse,
+             responses={200: {"content": {"image/png": {}}, "description": "the PNG, with its infotext"}})
     def image(image_id: str, user: User = Depends(current_user)) -> FileResponse:
         rec = service.store.get_image(image_id)
         if rec is None or (rec.owner != user.name and not user.admin):
@@ -269,12 +277,12 @@ def create_app(service: Service, auth: AuthConfig | None = None, cors_origins: l
         """Every worker this API process dispatches to: where it runs, what it does and holds."""
         return service.workers()
 
-    @app.get("/api/v1/jobs/{job_id}/events")
+    @app.get("/api/v1/jobs/{job_id}/events", response_class=StreamingResponse, responses=_SSE)
     async def job_events(job_id: str, request: Request, user: User = Depends(current_user)) -> StreamingResponse:
         job = own_job(job_id, user)
         return _sse(service, request, job.owner, job.id)
 
-    @app.get("/api/v1/events")
+    @app.get("/api/v1/events", response_class=StreamingResponse, responses=_SSE)
     async def all_events(request: Request, user: User = Depends(current_user)) -> StreamingResponse:
         return _sse(service, request, None if user.admin and user.name != LOCAL_USER else user.name, None)
 
@@ -360,6 +368,7 @@ def create_app(service: Service, auth: AuthConfig | None = None, cors_origins: l
     from .sdapi import install
 
     install(app, service)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 
 
@@ -433,6 +442,48 @@ def _ensure_local(service: Service) -> User:
 
 def jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
+
+
+_SSE: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": {}}, "description": "server-sent events"}}
+# Every error, on every route, has this one shape (A1111's); the schema says so, and which codes occur.
+_ERROR_CODES = {"400": "bad input or files", "401": "missing or wrong credentials", "403": "admins only",
+                "404": "no such job, image or model (or not yours)", "405": "method not allowed", "409": "conflict",
+                "410": "gone", "413": "request body too large", "422": "invalid request: the detail says what to change",
+                "429": "a per-user limit is reached", "500": "internal error"}
+
+
+def _walk(routes: Any) -> Any:
+    """Routes with methods, through included routers (FastAPI keeps those nested)."""
+    for r in routes:
+        if getattr(r, "methods", None):
+            yield r
+        # FastAPI >= 0.160 keeps included routers nested (their routes under original_router).
+        inner = getattr(getattr(r, "original_router", None), "routes", None)
+        if inner:
+            yield from _walk(inner)
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    if app.openapi_schema:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+    schemas["ErrorBody"] = {
+        "type": "object", "required": ["error", "detail"],
+        "properties": {"error": {"type": "string"}, "detail": {"type": "string"}, "body": {"type": "string"}, "errors": {}},
+    }
+    schemas.pop("HTTPValidationError", None)
+    schemas.pop("ValidationError", None)
+    ref = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
+    for path in schema.get("paths", {}).values():
+        for op in path.values():
+            responses = op.setdefault("responses", {})
+            for code, text in _ERROR_CODES.items():
+                responses[code] = {"description": text, **ref}
+    app.openapi_schema = schema
+    return schema
 
 
 _END_EVENTS = {JobStatus.SUCCEEDED: "finished", JobStatus.FAILED: "failed", JobStatus.CANCELED: "canceled"}
