@@ -64,6 +64,7 @@ def test_inputs_that_used_to_answer_500(server) -> None:
     assert good.status_code == 200 and good.json()["name"] == "emile"
     bad = httpx.get(url + "/api/v1/me", auth=("emile", "mauvais é"))
     a1111_error(bad, 401)
+    assert bad.headers["www-authenticate"] == 'Bearer, Basic realm="muralist"'  # the schemes this server takes
     assert service.store.list_jobs(None) == []  # nothing was queued by any of it
 
 
@@ -270,3 +271,11 @@ def test_concurrent_jobs_of_one_user_never_overwrite_files(a1111_models: Path, t
         assert len(records) == 6 and len(files) == 6 and sorted(root / r.path for r in records) == files
         assert sorted(p.name for p in files) == [f"{i:05d}-7.png" for i in range(6)]
         assert not list((root / "outputs").rglob(".incoming-*"))  # no temporary files left behind
+
+
+def test_unknown_lora_warning_reaches_sdapi_clients(server) -> None:
+    _, _, c = server
+    r = c.post("/sdapi/v1/txt2img", json={**SMALL, "model": "tiny-sd15", "prompt": "a fox <lora:nosuchlora:0.8>"})
+    assert r.status_code == 200
+    warnings = json.loads(r.json()["info"])["warnings"]
+    assert any("nosuchlora" in w and "not found" in w for w in warnings), warnings

@@ -157,8 +157,10 @@ def create_app(service: Service, auth: AuthConfig | None = None, cors_origins: l
                     return user
         if auth.single_user(service):
             return service.store.get_user(LOCAL_USER) or _ensure_local(service)
-        raise HTTPException(401, "missing or wrong credentials: send 'Authorization: Bearer <API key>'",
-                            headers={"WWW-Authenticate": "Bearer"})
+        # Name the schemes this server takes, so clients (and browsers, for Basic) know what to send.
+        schemes = "Bearer" + (', Basic realm="muralist"' if auth.basic else "")
+        raise HTTPException(401, "missing or wrong credentials: send 'Authorization: Bearer <API key>'"
+                            + (" or HTTP Basic (--api-auth)" if auth.basic else ""), headers={"WWW-Authenticate": schemes})
 
     app.state.current_user = current_user
 
