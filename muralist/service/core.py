@@ -217,14 +217,8 @@ class Service:
             if len(getattr(req, name) or "") > limits.max_prompt_chars:
                 raise InvalidRequestError(f"{name}: {len(getattr(req, name))} characters is over your limit of "
                                           f"max_prompt_chars={limits.max_prompt_chars}")
-        if req.width * req.height > limits.max_pixels:
-            raise InvalidRequestError(f"width x height: {req.width}x{req.height} is over your limit of {limits.max_pixels} pixels")
-        if req.steps > limits.max_steps:
-            raise InvalidRequestError(f"steps: {req.steps} is over your limit of {limits.max_steps}")
         if req.batch_size > limits.max_batch_size:
             raise InvalidRequestError(f"batch_size: {req.batch_size} is over your limit of {limits.max_batch_size}")
-        if req.total_images > limits.max_images:
-            raise InvalidRequestError(f"batch_size x n_iter: {req.total_images} images is over your limit of {limits.max_images}")
         from ..engine import samplers
 
         samplers.resolve(req.sampler_name, req.scheduler)
