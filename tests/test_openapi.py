@@ -31,7 +31,7 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(a1111_models
             [cli, "run", f"{url}/openapi.json", "--checks", CHECKS, "-n", "2", "--phases", "examples,coverage,fuzzing",
              "--request-timeout", "120", "--suppress-health-check", "all", "--seed", "1",
              "-H", f"Authorization: Bearer {key}", "--no-color"],
-            capture_output=True, text=True, timeout=900)
+            capture_output=True, text=True, timeout=900, cwd=tmp_path)  # its cache stays out of the repo
     tail = done.stdout[-6000:] + done.stderr[-2000:]
     assert done.returncode == 0, tail
     assert "failures" not in done.stdout.splitlines()[-1] or " 0 failures" in done.stdout, tail
