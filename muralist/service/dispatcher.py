@@ -152,19 +152,19 @@ class Dispatcher:
             found = self._runs.get(job_id)
         if found is None:
             return False
-        slot, run = found
-        # Marked as delivered, so that the poll of running_controls does not deliver it again.
+        self._send(*found, action)
+        return True
+
+    def _send(self, slot: Slot, run: Run, action: str) -> None:
+        """Deliver interrupt, skip or stop_early to the run's worker, marked as delivered so that
+        the poll of running_controls does not deliver it again."""
         if action == "interrupt":
             run.reason = "cancel"
         elif action == "skip":
             run.skips_sent += 1
         else:
             run.stop_sent = True
-        self._safe(slot, lambda: getattr(slot.handle, action)(job_id, run.job.attempts))
-        return True
-
-    def runs(self, job_id: str) -> bool:
-        return job_id in self._runs
+        self._safe(slot, lambda: getattr(slot.handle, action)(run.job.id, run.job.attempts))
 
     def workers(self) -> list[dict[str, Any]]:
         return [s.view() for s in sorted(self.slots.values(), key=lambda s: s.name)]
@@ -365,14 +365,11 @@ class Dispatcher:
                 continue
             slot, run = found
             if cancel and run.reason is None:
-                run.reason = "cancel"
-                self._safe(slot, lambda s=slot, j=job_id, a=attempt: s.handle.interrupt(j, a))
+                self._send(slot, run, "interrupt")
             if stop and not run.stop_sent:
-                run.stop_sent = True
-                self._safe(slot, lambda s=slot, j=job_id, a=attempt: s.handle.stop_early(j, a))
+                self._send(slot, run, "stop_early")
             while run.skips_sent < skips:
-                run.skips_sent += 1
-                self._safe(slot, lambda s=slot, j=job_id, a=attempt: s.handle.skip(j, a))
+                self._send(slot, run, "skip")
 
     def _watchdog(self, now: float) -> None:
         timeout = self.settings.stall_timeout
