@@ -174,6 +174,36 @@ def png_bytes(image: Image.Image, infotext: str) -> bytes:
     return buffer.getvalue()
 
 
+def _exif_with_comment(text: str) -> bytes:
+    """A minimal big-endian EXIF block: IFD0 pointing to an Exif IFD holding one UserComment of
+    type UNDEFINED (Pillow would type it BYTE, which piexif, A1111's reader, cannot decode)."""
+    comment = b"UNICODE\x00" + text.encode("utf-16-be")
+    ifd0 = struct.pack(">HHHLLL", 1, 0x8769, 4, 1, 26, 0)  # one entry: ExifIFD (LONG) at offset 26
+    exif_ifd = struct.pack(">HHHLLL", 1, _USER_COMMENT, 7, len(comment), 44, 0)  # UNDEFINED, data at 44
+    return b"Exif\x00\x00" + b"MM\x00\x2a" + struct.pack(">L", 8) + ifd0 + exif_ifd + comment
+
+
+IMAGE_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}
+
+
+def image_bytes(image: Image.Image, infotext: str, fmt: str = "png", quality: int = 80, lossless: bool = False) -> bytes:
+    """The image in A1111's ``samples_format``: PNG with a "parameters" chunk, or JPEG/WEBP with the
+    infotext in the EXIF UserComment, written as A1111's writer (piexif) does: big-endian EXIF,
+    "UNICODE" prefix, UTF-16BE text, so A1111 and muralist read it back."""
+    if fmt == "png":
+        return png_bytes(image, infotext)
+    exif = _exif_with_comment(infotext)
+    buffer = io.BytesIO()
+    if fmt == "jpg":
+        # JPEG has no alpha channel.
+        image.convert("RGB").save(buffer, format="JPEG", quality=quality, exif=exif)
+    elif fmt == "webp":
+        image.save(buffer, format="WEBP", quality=quality, lossless=lossless, exif=exif)
+    else:
+        raise MuralistError(f"samples_format: {fmt!r} is not png, jpg or webp")
+    return buffer.getvalue()
+
+
 def save_png(image: Image.Image, path: str | os.PathLike[str], infotext: str) -> Path:
     """Write ``png_bytes`` to ``path`` (parents created) and return the path.
 

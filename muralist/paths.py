@@ -21,6 +21,7 @@ class DataDirs:
     lora_dir: Path
     embeddings_dir: Path
     outputs_dir: Path
+    controlnet_dir: Path
 
     @classmethod
     def from_options(
@@ -31,6 +32,7 @@ class DataDirs:
         lora_dir: str | os.PathLike[str] | None = None,
         embeddings_dir: str | os.PathLike[str] | None = None,
         outputs_dir: str | os.PathLike[str] | None = None,
+        controlnet_dir: str | os.PathLike[str] | None = None,
     ) -> DataDirs:
         root = Path(data_dir or os.environ.get("MURALIST_DATA_DIR") or "data").expanduser().resolve()
 
@@ -44,6 +46,8 @@ class DataDirs:
             lora_dir=pick(lora_dir, root / "models" / "Lora"),
             embeddings_dir=pick(embeddings_dir, root / "embeddings"),
             outputs_dir=pick(outputs_dir, root / "outputs"),
+            # sd-webui-controlnet's folder (also read: the extension's own models/ folder).
+            controlnet_dir=pick(controlnet_dir, root / "models" / "ControlNet"),
         )
 
     @property

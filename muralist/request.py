@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .controlnet.units import ControlNetUnit
 from .errors import InvalidRequestError
 
 MAX_SIDE = 4096
@@ -71,6 +72,16 @@ class GenerationRequest(BaseModel):
     # A1111 scripts: "X/Y/Z plot" and "Prompt matrix", with A1111's positional script_args
     script_name: str | None = None
     script_args: list[Any] = Field(default_factory=list)
+    # A1111 options that change a job's output. They travel with the job (from the caller's
+    # /sdapi/v1/options, override_settings or the request itself), never from a global setting.
+    eta_noise_seed_delta: int = Field(0, ge=0, le=2**32 - 1, description="A1111's ENSD: reseed step noise with seed + delta")
+    randn_source: str = Field("CPU", description="noise source: CPU (same image on every device) or GPU (the worker's device)")
+    img2img_fix_steps: bool = Field(False, description="img2img: run exactly `steps` steps (A1111's option)")
+    upscaler_for_img2img: str | None = Field(None, description="upscaler for enlarging img2img inputs; None: Lanczos")
+    samples_format: str = Field("png", description="png, jpg or webp (infotext in PNG text / EXIF UserComment)")
+    jpeg_quality: int = Field(80, ge=1, le=100)
+    webp_lossless: bool = False
+    controlnet: list[ControlNetUnit] = Field(default_factory=list, description="ControlNet units (sd-webui-controlnet's fields)")
     model: str | None = Field(None, description="checkpoint title, name or hash; None: the default")
     vae: str | None = Field(None, description="VAE file name; None/'Automatic': the checkpoint's own")
 
@@ -81,11 +92,35 @@ class GenerationRequest(BaseModel):
             raise ValueError(f"must be a multiple of 8 (got {v}; try {v - v % 8} or {v - v % 8 + 8})")
         return v
 
+    @field_validator("randn_source")
+    @classmethod
+    def _randn_source(cls, v: str) -> str:
+        key = v.strip().upper()
+        if key == "NV":
+            raise ValueError("NV (NVIDIA's Philox on the CPU) is not available in muralist; use CPU or GPU")
+        if key not in ("CPU", "GPU"):
+            raise ValueError(f"must be CPU or GPU, not {v!r}")
+        return key
+
+    @field_validator("samples_format")
+    @classmethod
+    def _samples_format(cls, v: str) -> str:
+        key = v.strip().lower().lstrip(".")
+        key = "jpg" if key == "jpeg" else key
+        if key not in ("png", "jpg", "webp"):
+            raise ValueError(f"must be png, jpg or webp, not {v!r}")
+        return key
+
     @field_validator("vae")
     @classmethod
     def _vae_auto(cls, v: str | None) -> str | None:
         # A1111's sd_vae values that mean "the checkpoint's own VAE".
         return None if v is None or v.strip() in ("", "Automatic", "None") else v
+
+    @property
+    def control_units(self) -> list[ControlNetUnit]:
+        """The units that take part (enabled, with a model)."""
+        return [u for u in self.controlnet if u.active]
 
     @property
     def total_images(self) -> int:

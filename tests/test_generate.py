@@ -294,3 +294,26 @@ def test_model_cache_keeps_the_budget_and_never_evicts_a_model_in_use(a1111_mode
     small.model(a)
     small.model(b)
     assert small.loaded() == [(str(b.path), b.sha256)]  # the byte budget evicts the older one
+
+
+@pytest.mark.parametrize("sampler", ["Euler a", "DPM2 a"])
+def test_eta_noise_seed_delta_changes_ancestral_samplers_only(engine, tmp_path: Path, sampler: str) -> None:
+    """A1111: ENSD reseeds the step noise of ancestral samplers; deterministic samplers and DPM++ SDE
+    (its Brownian tree is seeded by the image seeds) give the same image."""
+    plain = run(engine, tmp_path, sampler_name=sampler)
+    delta = run(engine, tmp_path, sampler_name=sampler, eta_noise_seed_delta=31337)
+    assert np.abs(pixels(plain.result.images[0]) - pixels(delta.result.images[0])).max() > 0
+    assert parse_infotext(delta.result.infotexts[0])["ENSD"] == "31337"
+    assert "ENSD" not in parse_infotext(plain.result.infotexts[0])
+    for deterministic in ("Euler", "DPM++ 2M", "DPM++ SDE"):
+        a = run(engine, tmp_path, sampler_name=deterministic)
+        b = run(engine, tmp_path, sampler_name=deterministic, eta_noise_seed_delta=31337)
+        assert np.array_equal(pixels(a.result.images[0]), pixels(b.result.images[0]))
+
+
+def test_randn_source_gpu_draws_on_the_worker_device(engine, tmp_path: Path) -> None:
+    """On a CPU worker "GPU" noise is the CPU's; the infotext then omits RNG, as A1111 does for GPU."""
+    cpu = run(engine, tmp_path, sampler_name="Euler a")
+    gpu = run(engine, tmp_path, sampler_name="Euler a", randn_source="GPU")
+    assert np.array_equal(pixels(cpu.result.images[0]), pixels(gpu.result.images[0]))
+    assert parse_infotext(cpu.result.infotexts[0])["RNG"] == "CPU" and "RNG" not in parse_infotext(gpu.result.infotexts[0])

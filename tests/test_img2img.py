@@ -157,3 +157,34 @@ def test_sd_upscale_script(engine, tmp_path: Path) -> None:
     assert "SD upscale upscaler: Lanczos" in saved.result.infotexts[0]
     with pytest.raises(InvalidRequestError, match="SD upscale"):
         gen(engine, tmp_path, script_name="SD upscale", script_args=["", 16, "Lanczos", 2.0])
+
+
+def _steps_run(engine, tmp_path: Path, **kw) -> tuple[list[int], np.ndarray]:
+    seen: list[int] = []
+    base = dict(prompt="a house", width=64, height=64, steps=6, seed=5, model="tiny-sd15.safetensors")
+    saved = engine.generate(GenerationRequest(**{**base, **kw}), progress=lambda p: seen.append(p.steps), save_to=tmp_path)
+    return seen, pixels(saved.result.images[0])
+
+
+def test_img2img_fix_steps_runs_exactly_the_requested_steps(engine, tmp_path: Path) -> None:
+    src = [b64(source(64, 64))]
+    normal, a = _steps_run(engine, tmp_path, init_images=src, denoising_strength=0.5)
+    fixed, b = _steps_run(engine, tmp_path, init_images=src, denoising_strength=0.5, img2img_fix_steps=True)
+    assert normal[-1] == 3 and len(normal) == 3  # int(0.5 * 6)
+    assert fixed[-1] == 6 and len(fixed) == 6  # A1111: 6 steps of a 12-step schedule
+    assert np.abs(a - b).max() > 0
+
+
+def test_hires_pass_runs_its_steps_in_full(engine, tmp_path: Path) -> None:
+    seen, _ = _steps_run(engine, tmp_path, enable_hr=True, hr_scale=1.5, denoising_strength=0.5, hr_second_pass_steps=4)
+    assert seen[-1] == 6 + 4 and len(seen) == 10  # A1111 always runs the hires steps as given
+
+
+def test_upscaler_for_img2img_enlarges_the_input(engine, tmp_path: Path) -> None:
+    small = [b64(source(32, 32))]
+    _, lanczos = _steps_run(engine, tmp_path, init_images=small, denoising_strength=0.3)
+    _, nearest = _steps_run(engine, tmp_path, init_images=small, denoising_strength=0.3, upscaler_for_img2img="Nearest")
+    _, again = _steps_run(engine, tmp_path, init_images=small, denoising_strength=0.3, upscaler_for_img2img="Nearest")
+    assert np.abs(lanczos - nearest).max() > 0 and np.array_equal(nearest, again)
+    with pytest.raises(InvalidRequestError, match="upscaler_for_img2img"):
+        gen(engine, tmp_path, init_images=small, upscaler_for_img2img="NoSuchNet")

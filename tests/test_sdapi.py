@@ -228,7 +228,7 @@ def test_img2img_inpaint_and_hires_through_sdapi(server) -> None:
     r = c["alice"].post("/sdapi/v1/img2img", json=body)
     assert r.status_code == 200, r.text
     out = r.json()
-    assert len(out["images"]) == 2 and "init_images" not in out["parameters"]
+    assert len(out["images"]) == 2 and out["parameters"]["init_images"] is None and out["parameters"]["mask"] is None
     img = np.asarray(Image.open(BytesIO(base64.b64decode(out["images"][0]))).convert("RGB"))
     assert np.array_equal(img[:10], np.asarray(src)[:10])
     info = json.loads(out["info"])
@@ -260,3 +260,66 @@ def test_xyz_plot_and_prompt_matrix_through_script_name(server) -> None:
     prompts = [i.split("\n")[0] for i in json.loads(m.json()["info"])["infotexts"][1:]]
     assert prompts == ["a cat", "a cat, red", "a cat, hat", "a cat, red, hat"]
     assert c["alice"].post("/sdapi/v1/txt2img", json={**A1111_BODY, "script_name": "outpainting mk2"}).status_code == 422
+
+
+def test_full_option_set_per_user_and_output_options_honoured(server) -> None:
+    """GET options is A1111's whole set; samples_format/jpeg_quality set by one user make that
+    user's images JPEGs (file, API and download), infotext in EXIF; other users keep PNG."""
+    url, service, c = server
+    opts = c["alice"].get("/sdapi/v1/options").json()
+    assert len(opts) > 250
+    assert opts["samples_format"] == "png" and opts["jpeg_quality"] == 80 and opts["eta_noise_seed_delta"] == 0
+    assert opts["randn_source"] == "CPU" and opts["sd_vae"] == "Automatic" and opts["s_noise"] == 1.0
+    r = c["alice"].post("/sdapi/v1/options", json={"samples_format": "jpeg", "jpeg_quality": 90, "show_warnings": True,
+                                                   "some_extension_option": [1, 2]})
+    assert r.status_code == 200, r.text
+    mine = c["alice"].get("/sdapi/v1/options").json()
+    assert (mine["samples_format"], mine["jpeg_quality"], mine["show_warnings"], mine["some_extension_option"]) == ("jpg", 90, True, [1, 2])
+    assert c["bob"].get("/sdapi/v1/options").json()["samples_format"] == "png"
+
+    out = c["alice"].post("/sdapi/v1/txt2img", json=A1111_BODY).json()
+    data = base64.b64decode(out["images"][0])
+    assert data[:3] == b"\xff\xd8\xff"  # JPEG
+    assert parse_infotext(read_infotext(data))["Seed"] == "42"
+    info = json.loads(out["info"])
+    rec = service.store.list_images("alice", 1, 0)[0]
+    assert rec.path.endswith(".jpg") and (service.dirs.root / rec.path).read_bytes() == data
+    dl = c["alice"].get(f"/api/v1/images/{rec.id}")
+    assert dl.headers["content-type"] == "image/jpeg" and dl.content == data
+    assert info["seed"] == 42
+    # bob: still PNG
+    assert base64.b64decode(c["bob"].post("/sdapi/v1/txt2img", json=A1111_BODY).json()["images"][0])[:4] == b"\x89PNG"
+    # per job, through override_settings, without changing alice's options
+    webp = {**A1111_BODY, "override_settings": {"samples_format": "webp"}}
+    assert base64.b64decode(c["alice"].post("/sdapi/v1/txt2img", json=webp).json()["images"][0])[8:12] == b"WEBP"
+    assert c["alice"].get("/sdapi/v1/options").json()["samples_format"] == "jpg"
+
+
+def test_bad_option_values_are_422_naming_the_option(server) -> None:
+    _, _, c = server
+    for body, word in (({"samples_format": "bmp"}, "samples_format"), ({"randn_source": "NV"}, "NV"),
+                       ({"jpeg_quality": 500}, "jpeg_quality"), ({"upscaler_for_img2img": "NoSuchNet"}, "NoSuchNet"),
+                       ({"sd_vae": "missing.safetensors"}, "missing")):
+        r = c["alice"].post("/sdapi/v1/options", json=body)
+        assert r.status_code in (404, 422) and word in r.json()["detail"], (body, r.text)
+    assert c["alice"].get("/sdapi/v1/options").json()["samples_format"] == "png"  # nothing half-applied
+
+
+def test_sdapi_bodies_are_typed_in_openapi_and_auth_schemes_are_declared(server) -> None:
+    url, _, c = server
+    spec = httpx.get(f"{url}/openapi.json").json()
+    body = spec["paths"]["/sdapi/v1/txt2img"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    schema = spec["components"]["schemas"][body["$ref"].rsplit("/", 1)[1]]
+    assert schema["properties"]["steps"]["default"] == 50 and schema["properties"]["sampler_index"]["default"] == "Euler"
+    assert "enable_hr" in schema["properties"]
+    img = spec["paths"]["/sdapi/v1/img2img"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert "include_init_images" in spec["components"]["schemas"][img["$ref"].rsplit("/", 1)[1]]["properties"]
+    resp = spec["paths"]["/sdapi/v1/txt2img"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert resp["$ref"].endswith("GenerationResponse")
+    schemes = spec["components"]["securitySchemes"]
+    assert {v["scheme"] for v in schemes.values()} == {"bearer", "basic"}
+    assert spec["paths"]["/sdapi/v1/txt2img"]["post"]["security"]
+    # wrong types: a 422 in A1111's error shape naming the field, nothing queued
+    r = c["alice"].post("/sdapi/v1/txt2img", json={**A1111_BODY, "steps": "many"})
+    assert r.status_code == 422 and "steps" in r.json()["detail"] and set(r.json()) >= {"error", "detail", "body", "errors"}
+    assert c["alice"].get("/api/v1/jobs").json()["jobs"] == []

@@ -295,7 +295,7 @@ class Engine:
         return SavedResult(result, list(out.grid_paths) + list(out.paths), self.resolve_model(base), None)
 
     def check_upscaler(self, req: GenerationRequest) -> None:
-        """A hires-fix upscaler name must exist before any work starts."""
+        """Hires fix's and img2img's upscaler names must exist before any work starts."""
         from ..errors import InvalidRequestError, NotFoundError
         from .txt2img import LATENT_MODES
 
@@ -304,6 +304,11 @@ class Engine:
                 self.upscalers.find(req.hr_upscaler)
             except NotFoundError as e:
                 raise InvalidRequestError(f"hr_upscaler: {e}; latent modes: {', '.join(LATENT_MODES)}") from None
+        if req.init_images and req.upscaler_for_img2img not in (None, "", "None", "Lanczos"):
+            try:
+                self.upscalers.find(req.upscaler_for_img2img)
+            except NotFoundError as e:
+                raise InvalidRequestError(f"upscaler_for_img2img: {e}") from None
 
     def resolve_model(self, req: GenerationRequest) -> CheckpointInfo:
         return self.registry.find_checkpoint(req.model) if req.model else self.registry.default_checkpoint()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,17 +51,25 @@ def encode_png(img: Image.Image) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def resize_image(mode: int, im: Image.Image, width: int, height: int) -> Image.Image:
-    """A1111's resize modes: 0 just resize, 1 crop and resize, 2 resize and fill (3, latent, resizes like 0)."""
+def lanczos(im: Image.Image, width: int, height: int) -> Image.Image:
+    return im.resize((width, height), Image.LANCZOS)
+
+
+def resize_image(mode: int, im: Image.Image, width: int, height: int,
+                 resize: Callable[[Image.Image, int, int], Image.Image] = lanczos) -> Image.Image:
+    """A1111's resize modes: 0 just resize, 1 crop and resize, 2 resize and fill (3, latent, resizes like 0).
+
+    ``resize`` scales the source (A1111's "Upscaler for img2img" goes there); the fill bands of
+    mode 2 are always stretched with Lanczos."""
     im = im.convert("RGB")
     if mode in (0, 3):
-        return im.resize((width, height), Image.LANCZOS)
+        return resize(im, width, height)
     ratio, src_ratio = width / height, im.width / im.height
     if mode == 1:
         # Scale to cover the target, then crop the centre.
         src_w = width if ratio > src_ratio else im.width * height // im.height
         src_h = height if ratio <= src_ratio else im.height * width // im.width
-        resized = im.resize((src_w, src_h), Image.LANCZOS)
+        resized = resize(im, src_w, src_h)
         out = Image.new("RGB", (width, height))
         out.paste(resized, (width // 2 - src_w // 2, height // 2 - src_h // 2))
         return out
@@ -68,7 +77,7 @@ def resize_image(mode: int, im: Image.Image, width: int, height: int) -> Image.I
         # Scale to fit inside, then stretch the edge rows/columns into the empty bands.
         src_w = width if ratio < src_ratio else im.width * height // im.height
         src_h = height if ratio >= src_ratio else im.height * width // im.width
-        resized = im.resize((src_w, src_h), Image.LANCZOS)
+        resized = resize(im, src_w, src_h)
         out = Image.new("RGB", (width, height))
         out.paste(resized, (width // 2 - src_w // 2, height // 2 - src_h // 2))
         if ratio < src_ratio:

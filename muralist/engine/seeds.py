@@ -87,12 +87,12 @@ def slerp(val: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
     return low_weight * low + high_weight * high
 
 
-def _generator(seed: int) -> torch.Generator:
-    return torch.Generator("cpu").manual_seed(int(seed))
+def _generator(seed: int, device: str | torch.device = "cpu") -> torch.Generator:
+    return torch.Generator(device).manual_seed(int(seed))
 
 
 def _randn(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
-    return torch.randn(shape, generator=generator, dtype=torch.float32, device="cpu")
+    return torch.randn(shape, generator=generator, dtype=torch.float32, device=generator.device)
 
 
 def _paste_centre(target: torch.Tensor, source: torch.Tensor) -> None:
@@ -139,6 +139,7 @@ class ImageNoise:
         *,
         shape: tuple[int, int, int],
         eta_noise_seed_delta: int = 0,
+        device: str | torch.device = "cpu",
     ) -> None:
         if len(shape) != 3 or any(int(n) <= 0 for n in shape):
             raise ValueError(f"shape must be (C, H/8, W/8) with positive sizes, got {shape!r}")
@@ -151,7 +152,10 @@ class ImageNoise:
         self.seed_resize_from_h = int(seed_resize_from_h)
         self.seed_resize_from_w = int(seed_resize_from_w)
         self.eta_noise_seed_delta = int(eta_noise_seed_delta)
-        self._generators = [_generator(s) for s in self.seeds]
+        # A1111's randn_source: "CPU" (the default here, device-independent) or "GPU", which draws on
+        # the worker's own device (the same as CPU on a CPU worker).
+        self.device = torch.device(device)
+        self._generators = [_generator(s, self.device) for s in self.seeds]
         self._started = False
 
     @property
@@ -165,7 +169,7 @@ class ImageNoise:
         return (self.shape[0], self.seed_resize_from_h // 8, self.seed_resize_from_w // 8)
 
     def first(self) -> torch.Tensor:
-        """Initial noise (B, C, H, W), float32 on the CPU.
+        """Initial noise (B, C, H, W), float32 on the noise device.
 
         Calling it again restarts every image's generator, so it always returns the same
         noise and leaves the generators in the same state.
@@ -173,16 +177,16 @@ class ImageNoise:
         source_shape = self._source_shape()
         resized = source_shape != self.shape
         subseeds = self.subseeds if self.subseed_strength != 0 else None
-        self._generators = [_generator(s) for s in self.seeds]
+        self._generators = [_generator(s, self.device) for s in self.seeds]
 
         images = []
         for i, (seed, generator) in enumerate(zip(self.seeds, self._generators, strict=True)):
             # With "resize seed from", A1111 makes the from-size noise with a freshly seeded
             # (global) generator; the image's own generator is used once, for the full size.
-            noise = _randn(source_shape, _generator(seed) if resized else generator)
+            noise = _randn(source_shape, _generator(seed, self.device) if resized else generator)
             if subseeds is not None:
                 subseed = subseeds[i] if i < len(subseeds) else 0  # A1111's default
-                noise = slerp(self.subseed_strength, noise, _randn(source_shape, _generator(subseed)))
+                noise = slerp(self.subseed_strength, noise, _randn(source_shape, _generator(subseed, self.device)))
             if resized:
                 full = _randn(self.shape, generator)
                 _paste_centre(full, noise)
@@ -190,7 +194,7 @@ class ImageNoise:
             images.append(noise)
 
         if self.eta_noise_seed_delta:
-            self._generators = [_generator(s + self.eta_noise_seed_delta) for s in self.seeds]
+            self._generators = [_generator(s + self.eta_noise_seed_delta, self.device) for s in self.seeds]
         self._started = True
         return torch.stack(images)
 

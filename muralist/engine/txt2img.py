@@ -121,6 +121,17 @@ def _step_kwargs(scheduler: Any, generators: list[torch.Generator], eta: float |
     return kw
 
 
+def _noise_options(model: LoadedModel, req: GenerationRequest) -> dict[str, Any]:
+    return {"eta_noise_seed_delta": req.eta_noise_seed_delta,
+            "device": model.device if req.randn_source == "GPU" else "cpu"}
+
+
+def fixed_steps(steps: int, strength: float) -> int:
+    """The schedule length with which the last ``steps`` steps start at ``strength`` (A1111: hires
+    fix always, img2img with "img2img_fix_steps")."""
+    return int(steps / min(strength, 0.999)) if strength > 0 else steps
+
+
 def _sdxl_time_ids(height: int, width: int, n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     # original size, crop top-left, target size: A1111 uses the generation size for both.
     ids = torch.tensor([height, width, 0, 0, height, width], dtype=dtype, device=device)
@@ -142,6 +153,8 @@ def sample(
     init_latent: torch.Tensor | None = None,
     strength: float = 1.0,
     latent_mask: torch.Tensor | None = None,
+    fix_steps: bool = False,
+    controls: Callable[..., dict[str, Any]] | None = None,
 ) -> torch.Tensor:
     """The denoising loop with classifier-free guidance and composable (AND) prompts.
 
@@ -150,15 +163,17 @@ def sample(
     latents) is appended to the UNet input of inpainting models.
     """
     dev, dtype = model.device, model.dtype
-    scheduler.set_timesteps(steps, device=dev)
+    # img2img: run the last int(steps * strength) steps of the schedule from the noised image, or
+    # with fix_steps exactly `steps` steps of a longer schedule (A1111).
+    sched_steps = fixed_steps(steps, strength) if init_latent is not None and fix_steps else steps
+    scheduler.set_timesteps(sched_steps, device=dev)
     noise = noise.to(dev, torch.float32)
     timesteps = scheduler.timesteps
     if init_latent is None:
         latents = noise * scheduler.init_noise_sigma
     else:
-        # img2img: run the last int(steps * strength) steps of the schedule from the noised image (A1111).
-        t_enc = max(1, min(int(min(strength, 0.999) * steps), steps))
-        start = (steps - t_enc) * scheduler.order
+        t_enc = steps if fix_steps else max(1, min(int(min(strength, 0.999) * steps), steps))
+        start = (sched_steps - t_enc) * scheduler.order
         timesteps = timesteps[start:]
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(start)
@@ -188,10 +203,14 @@ def sample(
                 }
         n = context.shape[0] // b
         x = scheduler.scale_model_input(torch.cat([latents] * n) if n > 1 else latents, t)
+        residuals: dict[str, Any] = {}
+        if controls is not None:  # ControlNet units active at this step add to the UNet's skip connections
+            residuals = controls(x.to(dtype), t, context, added, (i + 1) / len(timesteps), b if guided else 0)
         if image_cond is not None:
             x = torch.cat([x, torch.cat([image_cond] * n).to(x.device, x.dtype)], dim=1)
         with torch.inference_mode():
-            out = model.unet(x.to(dtype), t, encoder_hidden_states=context, added_cond_kwargs=added, return_dict=False)[0]
+            out = model.unet(x.to(dtype), t, encoder_hidden_states=context, added_cond_kwargs=added, return_dict=False,
+                             **residuals)[0]
         out = out.float()
         if guided:
             out_uncond = out[:b]
@@ -261,7 +280,9 @@ def infotext_params(
             else None
         ),
         "Clip skip": req.clip_skip if req.clip_skip > 1 else None,
-        "RNG": RNG_SOURCE,
+        "ENSD": req.eta_noise_seed_delta or None,
+        # A1111 writes RNG only when it is not its default, GPU.
+        "RNG": RNG_SOURCE if req.randn_source == "CPU" else None,
         "Tiling": "True" if req.tiling else None,
         "Eta": f"{req.eta:g}" if req.eta is not None else None,
         "Version": f"muralist {__version__}",
@@ -311,14 +332,21 @@ class _Img2ImgInputs:
     latent_mask: torch.Tensor | None = None  # (1, 1, h/8, w/8), 1 = repaint
 
 
-def _prepare_img2img(req: GenerationRequest) -> _Img2ImgInputs:
+def _prepare_img2img(req: GenerationRequest, upscale: Any = None) -> _Img2ImgInputs:
     from PIL import ImageFilter, ImageOps
 
     from . import images as im
 
+    resize = im.lanczos
+    name = req.upscaler_for_img2img
+    if name and name != "None" and upscale is not None:
+        # A1111's "Upscaler for img2img": enlarge with it, shrink (and fit exactly) with Lanczos.
+        def resize(img: Image.Image, w: int, h: int) -> Image.Image:
+            return upscale(img, w, h, name) if max(w / img.width, h / img.height) > 1 else im.lanczos(img, w, h)
+
     originals = [im.decode_image(d, f"init_images[{i}]").convert("RGB") for i, d in enumerate(req.init_images)]
     if req.mask is None:
-        return _Img2ImgInputs([im.resize_image(req.resize_mode, o, req.width, req.height) for o in originals], originals)
+        return _Img2ImgInputs([im.resize_image(req.resize_mode, o, req.width, req.height, resize) for o in originals], originals)
     mask = im.decode_image(req.mask, "mask").convert("L")
     if mask.size != originals[0].size:
         raise InvalidRequestError(
@@ -337,7 +365,7 @@ def _prepare_img2img(req: GenerationRequest) -> _Img2ImgInputs:
         images = [o.crop(crop).resize((req.width, req.height), Image.LANCZOS) for o in originals]
     else:
         work_mask = im.resize_image(req.resize_mode, blurred.convert("RGB"), req.width, req.height).convert("L")
-        images = [im.resize_image(req.resize_mode, o, req.width, req.height) for o in originals]
+        images = [im.resize_image(req.resize_mode, o, req.width, req.height, resize) for o in originals]
         originals = [o.resize((req.width, req.height), Image.LANCZOS) if o.size != (req.width, req.height) else o for o in originals]
         blurred = work_mask
     if req.inpainting_fill == 0:
@@ -383,15 +411,14 @@ def generate_images(
     latent_shape = (4, req.height // 8, req.width // 8)
     prompt, _ = extract_extra_networks(req.prompt)
     negative, _ = extract_extra_networks(req.negative_prompt)
-    inputs = _prepare_img2img(req) if img2img else None
+    inputs = _prepare_img2img(req, upscale) if img2img else None
     strength = req.denoising_strength if req.denoising_strength is not None else (0.75 if img2img else 0.7)
     inpaint_model = model.unet.config.in_channels == 9
     total_steps = req.steps
-    if img2img:
+    if img2img and not req.img2img_fix_steps:
         total_steps = max(1, min(int(min(strength, 0.999) * req.steps), req.steps))
-    hr_steps = 0
-    if req.enable_hr:
-        hr_steps = max(1, min(int(min(strength, 0.999) * (req.hr_second_pass_steps or req.steps)), req.hr_second_pass_steps or req.steps))
+    # A1111's hires pass always runs exactly its steps (a longer schedule, entered at the strength).
+    hr_steps = (req.hr_second_pass_steps or req.steps) if req.enable_hr else 0
     with model.lock, _tiling([model.unet, vae], req.tiling), _loras(model, extras.loras):
         encoder = PromptEncoder(model, req.clip_skip, extras.embeddings, req.novelai_braces)
         conds = job_conditioning(encoder, prompt, negative, req.steps)
@@ -406,7 +433,7 @@ def generate_images(
             bs = slice(n * req.batch_size, (n + 1) * req.batch_size)
             batch_seeds, batch_subseeds = seeds[bs], subseeds[bs]
             rng = ImageNoise(batch_seeds, batch_subseeds, req.subseed_strength, req.seed_resize_from_h, req.seed_resize_from_w,
-                             shape=latent_shape)
+                             shape=latent_shape, **_noise_options(model, req))
             noise = rng.first()
             scheduler = choice.make(model.prediction_type, batch_seeds)
 
@@ -436,7 +463,7 @@ def generate_images(
             latents = sample(
                 model, scheduler, noise, conds, req.cfg_scale, req.steps, _step_kwargs(scheduler, rng.generators, req.eta),
                 (req.height, req.width), control, on_step, image_cond, init_latent, strength if img2img else 1.0,
-                None if inpaint_model else latent_mask,
+                None if inpaint_model else latent_mask, req.img2img_fix_steps,
             )
             if req.enable_hr and not _stopped(control):
                 latents = _hires_pass(model, vae, req, hr_choice, hr_upscaler, strength, latents, batch_seeds, batch_subseeds,
@@ -514,14 +541,14 @@ def _hires_pass(model: LoadedModel, vae: Any, req: GenerationRequest, choice: sa
     hr_negative, _ = extract_extra_networks(req.hr_negative_prompt) if req.hr_negative_prompt else (negative, [])
     steps = req.hr_second_pass_steps or req.steps
     hr_conds = conds if (hr_prompt, hr_negative) == (prompt, negative) else job_conditioning(encoder, hr_prompt, hr_negative, steps)
-    rng = ImageNoise(seeds, subseeds, req.subseed_strength, shape=(4, h // 8, w // 8))
+    rng = ImageNoise(seeds, subseeds, req.subseed_strength, shape=(4, h // 8, w // 8), **_noise_options(model, req))
     noise = rng.first()
     scheduler = choice.make(model.prediction_type, seeds)
     image_cond = None
     if model.unet.config.in_channels == 9:
         image_cond = _inpaint_image_cond(model, vae, decode(vae, init, model.vae_scale), None, init.shape)
     return sample(model, scheduler, noise, hr_conds, req.cfg_scale, steps, _step_kwargs(scheduler, rng.generators, req.eta),
-                  (h, w), control, on_step, image_cond, init, strength)
+                  (h, w), control, on_step, image_cond, init, strength, fix_steps=True)
 
 
 def _hires_params(req: GenerationRequest, upscaler: str, strength: float, hr: samplers.SamplerChoice,

@@ -20,14 +20,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBasic, HTTPBasicCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..errors import InvalidRequestError, MuralistError, NotFoundError
+from ..infotext import IMAGE_TYPES
 from .core import Service
 from .store import Job, JobStatus, LimitError, User
 
@@ -46,6 +48,21 @@ class AuthConfig:
         """No --api-auth and no users but the implicit local one: the caller is the local admin."""
         return (self.allow_single_user and not self.basic
                 and all(u.name == LOCAL_USER for u in service.store.list_users()))
+
+
+class Utf8Basic(HTTPBasic):
+    """HTTP Basic that reads UTF-8 passwords (FastAPI's reads ASCII only) and leaves a missing or
+    malformed header to ``current_user``, which answers one 401 naming every enabled scheme."""
+
+    async def __call__(self, request: Request) -> HTTPBasicCredentials | None:  # type: ignore[override]
+        scheme, _, param = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "basic" or not param:
+            return None
+        try:
+            name, sep, password = base64.b64decode(param.strip()).decode("utf-8").partition(":")
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            return None
+        return HTTPBasicCredentials(username=name, password=password) if sep else None
 
 
 class JobIn(BaseModel):
@@ -137,22 +154,22 @@ def create_app(service: Service, auth: AuthConfig | None = None, cors_origins: l
     _install_docs(app)
     _install_ui(app)
 
-    def current_user(request: Request) -> User:
-        header = request.headers.get("authorization", "")
-        scheme, _, cred = header.partition(" ")
-        if scheme.lower() == "bearer" and cred:
-            user = service.store.user_by_key(cred.strip())
+    bearer_scheme = HTTPBearer(auto_error=False, description="an API key from `muralist users add`")
+    basic_scheme = Utf8Basic(auto_error=False, description="--api-auth user:password (A1111's option)")
+
+    def current_user(bearer: HTTPAuthorizationCredentials | None = Security(bearer_scheme),
+                     basic: HTTPBasicCredentials | None = Security(basic_scheme)) -> User:
+        # FastAPI's security classes parse the header and put "Authorize" in /docs; the decision
+        # (and one 401 naming every enabled scheme) stays here.
+        if bearer is not None:
+            user = service.store.user_by_key(bearer.credentials.strip())
             if user is not None:
                 return user
-        elif scheme.lower() == "basic" and cred and auth.basic:
-            try:
-                name, _, password = base64.b64decode(cred).decode().partition(":")
-            except (binascii.Error, UnicodeDecodeError):
-                name, password = "", ""
-            expected = auth.basic.get(name)
+        elif basic is not None and auth.basic:
+            expected = auth.basic.get(basic.username)
             # Bytes: compare_digest refuses non-ASCII str, and passwords may be any UTF-8.
-            if expected is not None and hmac.compare_digest(expected.encode(), password.encode()):
-                user = service.store.get_user(name)
+            if expected is not None and hmac.compare_digest(expected.encode(), basic.password.encode()):
+                user = service.store.get_user(basic.username)
                 if user is not None:
                     return user
         if auth.single_user(service):
@@ -215,7 +232,8 @@ def create_app(service: Service, auth: AuthConfig | None = None, cors_origins: l
         return {"queued": mine, "running": running, "others_queued": others, "total_queued": len(order)}
 
     @app.get("/api/v1/images/{image_id}", response_class=FileResponse,
-             responses={200: {"content": {"image/png": {}}, "description": "the PNG, with its infotext"}})
+             responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}},
+                              "description": "the image (the job's samples_format), with its infotext"}})
     def image(image_id: str, user: User = Depends(current_user)) -> FileResponse:
         rec = service.store.get_image(image_id)
         if rec is None or (rec.owner != user.name and not user.admin):
@@ -223,7 +241,8 @@ def create_app(service: Service, auth: AuthConfig | None = None, cors_origins: l
         path = service.dirs.root / rec.path
         if not path.is_file():
             raise HTTPException(410, f"image {image_id!r} was deleted from disk")
-        return FileResponse(path, media_type="image/png", filename=Path(rec.path).name)
+        media = IMAGE_TYPES.get(path.suffix.lower().lstrip("."), "image/png")
+        return FileResponse(path, media_type=media, filename=Path(rec.path).name)
 
     @app.get("/api/v1/images")
     def images(limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=MAX_OFFSET),

@@ -457,7 +457,7 @@ _LEADING_NUMBER = re.compile(r"^\d+")
 
 
 def _write_new(folder: Path, name: str, data: bytes) -> Path:
-    """Write a PNG under A1111's next free number (``00012-<seed>.png``). Written under a temporary
+    """Write an image under A1111's next free number (``00012-<seed>.png``). Written under a temporary
     name, then hard-linked to its final name, which fails if that name exists: readers never see a
     half-written file, and two jobs (or two API processes) writing at once never take the same name."""
     from ..engine.engine import next_sequence_number

@@ -18,14 +18,26 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Query
+from pydantic import ValidationError
 
 from .. import __version__
 from ..errors import InvalidRequestError, MuralistError
+from ..request import GenerationRequest, describe_validation_error
+from . import sdapi_models as m
 from .core import Service
 from .store import Job, JobStatus, User
 
-# A1111 option name -> our request field.
-OPTION_FIELDS = {"sd_model_checkpoint": "model", "sd_vae": "vae", "CLIP_stop_at_last_layers": "clip_skip", "eta_ancestral": "eta"}
+# A1111 option name -> our request field: the options that change a job's output travel with the job.
+OPTION_FIELDS = {"sd_model_checkpoint": "model", "sd_vae": "vae", "CLIP_stop_at_last_layers": "clip_skip", "eta_ancestral": "eta",
+                 "tiling": "tiling", "eta_noise_seed_delta": "eta_noise_seed_delta", "randn_source": "randn_source",
+                 "img2img_fix_steps": "img2img_fix_steps", "upscaler_for_img2img": "upscaler_for_img2img",
+                 "samples_format": "samples_format", "jpeg_quality": "jpeg_quality", "webp_lossless": "webp_lossless"}
+FIELD_OPTIONS = {v: k for k, v in OPTION_FIELDS.items()}
+# A1111's option set with its defaults (names and values as its /sdapi/v1/options returns them).
+A1111_OPTIONS: dict[str, Any] = json.loads((Path(__file__).with_name("a1111_options.json")).read_text())
+# Where muralist's default differs: noise from the CPU, so a seed gives the same image on any worker.
+A1111_OPTIONS["randn_source"] = "CPU"
+MAX_OPTIONS_BYTES = 64 * 1024
 # A1111 API defaults that differ from the CLI's.
 A1111_DEFAULTS = {"steps": 50, "sampler_name": "Euler", "cfg_scale": 7.0, "width": 512, "height": 512}
 LATENT_MODES = ["Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)", "Latent (nearest)", "Latent (nearest-exact)"]
@@ -173,28 +185,31 @@ def install(app: FastAPI, service: Service) -> None:
         finally:
             service.hub.unsubscribe(key)
 
-    async def run(job_type: str, body: dict[str, Any], user: User) -> dict[str, Any]:
+    async def run(job_type: str, req: m.Txt2ImgRequest | m.Img2ImgRequest, user: User) -> dict[str, Any]:
+        body = req.sent()
         params = a1111_params(body)
         if job_type == "img2img":
             params.setdefault("denoising_strength", 0.75)
         loop = asyncio.get_running_loop()
-        job = await loop.run_in_executor(None, lambda: service.submit(user, job_type, params, job_id=body.get("force_task_id")))
+        job = await loop.run_in_executor(None, lambda: service.submit(user, job_type, params, job_id=req.force_task_id))
         job = await wait_finished(job.id)
         if job.status is JobStatus.FAILED:
             raise_failed(job, "generation failed")
-        images = images_b64(job) if body.get("send_images", True) else []
-        if job_type == "img2img" and body.get("include_init_images"):
-            images += [decode_init(d) for d in body.get("init_images", [])]
-        parameters = {k: v for k, v in body.items() if k not in ("init_images", "mask")} if job_type == "img2img" else body
+        images = images_b64(job) if req.send_images else []
+        parameters = req.model_dump()  # A1111 echoes the whole parsed request, defaults included
+        if isinstance(req, m.Img2ImgRequest):
+            if req.include_init_images:
+                images += [decode_init(d) for d in req.init_images or []]
+            parameters.update(init_images=None, mask=None)  # as A1111: the inputs are not echoed back
         return {"images": images, "parameters": parameters, "info": info_json(job, job.params)}
 
-    @r.post("/sdapi/v1/txt2img")
-    async def txt2img(body: dict[str, Any] = Body(...), user: User = Depends(current_user)) -> dict[str, Any]:
+    @r.post("/sdapi/v1/txt2img", response_model=m.GenerationResponse)
+    async def txt2img(body: m.Txt2ImgRequest, user: User = Depends(current_user)) -> dict[str, Any]:
         return await run("txt2img", body, user)
 
-    @r.post("/sdapi/v1/img2img")
-    async def img2img(body: dict[str, Any] = Body(...), user: User = Depends(current_user)) -> dict[str, Any]:
-        if not body.get("init_images"):
+    @r.post("/sdapi/v1/img2img", response_model=m.GenerationResponse)
+    async def img2img(body: m.Img2ImgRequest, user: User = Depends(current_user)) -> dict[str, Any]:
+        if not body.init_images:
             raise InvalidRequestError("init_images: img2img needs at least one image")
         return await run("img2img", body, user)
 
@@ -211,7 +226,7 @@ def install(app: FastAPI, service: Service) -> None:
                 "state": state, "current_image": live.preview if live else None,
                 "textinfo": None if live or not queued else "Waiting..."}
 
-    @r.get("/sdapi/v1/progress")
+    @r.get("/sdapi/v1/progress", response_model=m.ProgressResponse)
     async def progress(skip_current_image: bool = Query(False), user: User = Depends(current_user)) -> dict[str, Any]:
         return progress_of(user)
 
@@ -231,32 +246,58 @@ def install(app: FastAPI, service: Service) -> None:
 
     @r.get("/sdapi/v1/options")
     def get_options(user: User = Depends(current_user)) -> dict[str, Any]:
+        """A1111's whole option set: its defaults, overlaid with the caller's own options."""
         reg = service.engine.registry
-        opts = user.options
-        model = opts.get("model")
-        if not model:
+        out = dict(A1111_OPTIONS)
+        out.update({k: v for k, v in user.options.items() if k not in GenerationRequest.model_fields})
+        for field, value in user.options.items():
+            if field in FIELD_OPTIONS:
+                out[FIELD_OPTIONS[field]] = value
+        if not user.options.get("model"):
             try:
-                model = reg.default_checkpoint().title
+                out["sd_model_checkpoint"] = reg.default_checkpoint().title
             except MuralistError:
-                model = None
-        return {"sd_model_checkpoint": model, "sd_vae": opts.get("vae") or "Automatic",
-                "CLIP_stop_at_last_layers": opts.get("clip_skip", 1), "eta_ancestral": opts.get("eta", 1.0),
-                "samples_format": "png", "outdir_txt2img_samples": "outputs/txt2img-images", "sd_checkpoint_hash": None}
+                out["sd_model_checkpoint"] = None
+        try:
+            out["sd_checkpoint_hash"] = reg.find_checkpoint(out["sd_model_checkpoint"]).sha256 if out["sd_model_checkpoint"] else ""
+        except MuralistError:
+            out["sd_checkpoint_hash"] = ""
+        out["sd_vae"] = out.get("sd_vae") or "Automatic"
+        out["eta_ancestral"] = out["eta_ancestral"] if out.get("eta_ancestral") is not None else 1.0
+        return out
 
     @r.post("/sdapi/v1/options")
     def set_options(body: dict[str, Any] = Body(...), user: User = Depends(current_user)) -> dict[str, Any]:
+        """Store options for the caller only (never a global switch). The ones that change output are
+        checked as request fields and then apply to every job of this user; the others are kept and
+        returned as set."""
         reg = service.engine.registry
         update: dict[str, Any] = {}
         for opt, value in body.items():
             field = OPTION_FIELDS.get(opt)
             if field is None:
-                continue  # A1111 UI options we do not have are accepted and ignored
+                if opt in GenerationRequest.model_fields:
+                    raise InvalidRequestError(f"{opt}: not an A1111 option; set request fields with PUT /api/v1/me/options")
+                update[opt] = value
+                continue
             if field == "model" and value:
                 value = reg.find_checkpoint(str(value)).title
-            if field == "vae" and value not in (None, "", "Automatic", "None"):
+            elif field == "vae" and value in ("", "Automatic", "None"):
+                value = None
+            elif field == "vae" and value is not None:
                 value = reg.find_vae(str(value)).name
+            elif field == "upscaler_for_img2img" and value not in (None, "", "None"):
+                value = service.engine.upscalers.find(str(value)).name
+            elif value is not None:
+                try:
+                    value = getattr(GenerationRequest.model_validate({field: value}), field)
+                except ValidationError as e:
+                    raise InvalidRequestError(describe_validation_error(e).replace(field, opt, 1)) from None
             update[field] = value
-        service.store.set_user_options(user.name, update)  # the caller's defaults only
+        stored = {**user.options, **update}
+        if len(json.dumps(stored, default=str)) > MAX_OPTIONS_BYTES:
+            raise InvalidRequestError(f"options: more than {MAX_OPTIONS_BYTES // 1024} KiB of options; send fewer or shorter values")
+        service.store.set_user_options(user.name, update)  # the caller's own defaults only
         return {}
 
     @r.get("/sdapi/v1/sd-models")
@@ -372,11 +413,11 @@ def install(app: FastAPI, service: Service) -> None:
             pass
         return {"ram": ram, "cuda": cuda}
 
-    @r.post("/sdapi/v1/png-info")
-    def png_info(body: dict[str, Any] = Body(...), user: User = Depends(current_user)) -> dict[str, Any]:
+    @r.post("/sdapi/v1/png-info", response_model=m.PngInfoResponse)
+    def png_info(body: m.PngInfoRequest, user: User = Depends(current_user)) -> dict[str, Any]:
         from ..infotext import parse_infotext, read_infotext
 
-        data = body.get("image")
+        data = body.image
         if not data:
             raise InvalidRequestError("image: a base64 PNG/JPEG/WEBP is required")
         text = read_infotext(decode_image(data))
@@ -394,25 +435,23 @@ def install(app: FastAPI, service: Service) -> None:
         info = "<br>".join((job.result or {}).get("infotexts", []))
         return images, f"<p>{info}</p>"
 
-    @r.post("/sdapi/v1/extra-single-image")
-    async def extra_single(body: dict[str, Any] = Body(...), user: User = Depends(current_user)) -> dict[str, Any]:
-        images, html = await extras(body, user)
+    @r.post("/sdapi/v1/extra-single-image", response_model=m.ExtrasSingleResponse)
+    async def extra_single(body: m.ExtrasSingleRequest, user: User = Depends(current_user)) -> dict[str, Any]:
+        images, html = await extras(body.sent(), user)
         return {"image": images[0] if images else None, "html_info": html}
 
-    @r.post("/sdapi/v1/extra-batch-images")
-    async def extra_batch(body: dict[str, Any] = Body(...), user: User = Depends(current_user)) -> dict[str, Any]:
-        images, html = await extras(body, user)
+    @r.post("/sdapi/v1/extra-batch-images", response_model=m.ExtrasBatchResponse)
+    async def extra_batch(body: m.ExtrasBatchRequest, user: User = Depends(current_user)) -> dict[str, Any]:
+        images, html = await extras(body.sent(), user)
         return {"images": images, "html_info": html}
 
-    @r.post("/sdapi/v1/interrogate")
-    async def interrogate(body: dict[str, Any] = Body(...), user: User = Depends(current_user)) -> dict[str, Any]:
-        model = body.get("model", "clip")
+    @r.post("/sdapi/v1/interrogate", response_model=m.InterrogateResponse)
+    async def interrogate(body: m.InterrogateRequest, user: User = Depends(current_user)) -> dict[str, Any]:
+        model = body.model
         if model != "clip":
             raise InvalidRequestError(f"model: {model!r} is not available; muralist interrogates with 'clip' (a local BLIP model)")
         loop = asyncio.get_running_loop()
-        image = body.get("image")
-        if image is not None and not isinstance(image, str):
-            raise InvalidRequestError("image: must be a base64 string or a data URL")
+        image = body.image
         job = await loop.run_in_executor(None, lambda: service.submit(user, "interrogate", {"image": image}))
         job = await wait_finished(job.id)
         if job.status is not JobStatus.SUCCEEDED:
@@ -420,14 +459,14 @@ def install(app: FastAPI, service: Service) -> None:
         return {"caption": (job.result or {}).get("caption", "")}
 
     @r.post("/internal/progress")
-    def internal_progress(body: dict[str, Any] = Body(...), user: User = Depends(current_user)) -> dict[str, Any]:
-        job_id = str(body.get("id_task", ""))
+    def internal_progress(body: m.ProgressRequest, user: User = Depends(current_user)) -> dict[str, Any]:
+        job_id = str(body.id_task or "")
         job = service.store.get(job_id)
         if job is None or (job.owner != user.name and not user.admin):
             return {"active": False, "queued": False, "completed": False, "progress": None, "eta": None,
                     "live_preview": None, "id_live_preview": -1, "textinfo": "Unknown task"}
         live = service.live.get(job.id)
-        want_preview = body.get("live_preview", True)
+        want_preview = body.live_preview
         return {
             "active": job.status is JobStatus.RUNNING,
             "queued": job.status is JobStatus.QUEUED,

@@ -237,7 +237,10 @@ class Worker:
         result = {"infotexts": r.infotexts, "seeds": r.seeds, "subseeds": r.subseeds, "warnings": r.warnings,
                   "model": saved.model.title if saved.model else None,
                   "inpainting_conditioning": bool(saved.model and saved.model.kind.inpainting)}
-        return {"type": "done", "images": _read_images(saved.paths, r.infotexts, r.seeds), "result": result}
+        images = _read_images(saved.paths, r.infotexts, r.seeds)
+        if req.samples_format != "png":
+            images = [_reformat(img, req) for img in images]
+        return {"type": "done", "images": images, "result": result}
 
     def _extras(self, params: dict[str, Any], folder: Path) -> tuple[list[Path], list[str]]:
         from ..engine.images import decode_image
@@ -269,6 +272,26 @@ class Worker:
 def _read_images(paths: list[Path], infotexts: list[str], seeds: list[int]) -> list[dict[str, Any]]:
     return [{"name": Path(p).name, "data": Path(p).read_bytes(), "infotext": text, "seed": int(seed)}
             for p, text, seed in zip(paths, infotexts, seeds, strict=True)]
+
+
+_GRID_NAMES = ("xyz_grid-", "prompt_matrix-")
+
+
+def _reformat(img: dict[str, Any], req: Any) -> dict[str, Any]:
+    """An image in the job's samples_format (JPEG/WEBP with EXIF infotext). Grids stay PNG, as
+    A1111's separate grid_format defaults to."""
+    import io
+
+    from PIL import Image
+
+    from ..infotext import image_bytes
+
+    name = img["name"]
+    if name.startswith(_GRID_NAMES):
+        return img
+    with Image.open(io.BytesIO(img["data"])) as im:
+        data = image_bytes(im, img["infotext"], req.samples_format, req.jpeg_quality, req.webp_lossless)
+    return {**img, "name": str(Path(name).with_suffix("." + req.samples_format)), "data": data}
 
 
 # SD1/SD2 latent -> RGB approximation (a linear map), cheap enough for every few steps.
