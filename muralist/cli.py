@@ -21,12 +21,14 @@ def _add_dirs(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vae-dir", help="VAE folder (default: DATA/models/VAE)")
     g.add_argument("--lora-dir", help="LoRA folder (default: DATA/models/Lora)")
     g.add_argument("--embeddings-dir", help="embeddings folder (default: DATA/embeddings)")
+    g.add_argument("--controlnet-dir", help="ControlNet models folder (default: DATA/models/ControlNet)")
 
 
 def _dirs(args: argparse.Namespace) -> Any:
     from .paths import DataDirs
 
-    return DataDirs.from_options(args.data_dir, args.ckpt_dir, args.vae_dir, args.lora_dir, args.embeddings_dir)
+    return DataDirs.from_options(args.data_dir, args.ckpt_dir, args.vae_dir, args.lora_dir, args.embeddings_dir,
+                                 controlnet_dir=args.controlnet_dir)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -292,7 +294,7 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
     from .models.tiny import make_tiny_models
 
     dirs = _dirs(args)
-    for p in make_tiny_models(dirs.ckpt_dir, dirs.vae_dir):
+    for p in make_tiny_models(dirs.ckpt_dir, dirs.vae_dir, dirs.controlnet_dir):
         print(p)
     return 0
 
@@ -486,7 +488,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         if done.returncode != 0 and "already" not in (done.stdout + done.stderr):
             raise MuralistError(f"'{' '.join(cmd)}' failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
     ray_cluster.connect(args.cluster)
-    folders = {k: str(getattr(dirs, k)) for k in ("ckpt_dir", "vae_dir", "lora_dir", "embeddings_dir")}
+    folders = {k: str(getattr(dirs, k)) for k in ("ckpt_dir", "vae_dir", "lora_dir", "embeddings_dir", "controlnet_dir")}
     budget = int(args.max_model_memory * 2**30) if args.max_model_memory else None
     actors = ray_cluster.start_workers(devices, name, str(dirs.root), folders=folders,
                                        max_loaded_models=args.max_loaded_models, max_model_bytes=budget)

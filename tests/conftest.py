@@ -22,7 +22,7 @@ def a1111_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("a1111")
     ckpt = root / "models" / "Stable-diffusion"
-    make_tiny_models(ckpt, root / "models" / "VAE")
+    make_tiny_models(ckpt, root / "models" / "VAE", root / "models" / "ControlNet")
     # The same SD1 weights as .ckpt, to show both formats load to the same model.
     save(tiny_checkpoint(Family.SD1), ckpt / "same-as-sd15.ckpt")
     return root

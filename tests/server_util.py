@@ -22,11 +22,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def copy_models(a1111_models: Path, root: Path, names: tuple[str, ...] = ("tiny-sd15.safetensors", "tiny-sd15-b.ckpt")) -> Path:
+def copy_models(a1111_models: Path, root: Path, names: tuple[str, ...] = ("tiny-sd15.safetensors", "tiny-sd15-b.ckpt"),
+                controlnet: bool = False) -> Path:
     ckpt = root / "models" / "Stable-diffusion"
     ckpt.mkdir(parents=True, exist_ok=True)
     for n in names:
         shutil.copy(a1111_models / "models" / "Stable-diffusion" / n, ckpt / n)
+    if controlnet:
+        shutil.copytree(a1111_models / "models" / "ControlNet", root / "models" / "ControlNet")
     return root
 
 

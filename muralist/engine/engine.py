@@ -16,6 +16,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..infotext import save_png
@@ -39,6 +40,7 @@ class SavedResult:
     paths: list[Path] = field(default_factory=list)
     model: CheckpointInfo | None = None
     vae: VaeInfo | None = None
+    detected: list[Path] = field(default_factory=list)  # ControlNet maps, after the images
 
 
 def outpaint_request(req: GenerationRequest) -> GenerationRequest:
@@ -181,6 +183,9 @@ class Engine:
         self.upscalers = UpscalerRegistry(self.dirs, manager=manager)
         self.faces = FaceRestorers(self.dirs, device=str(self.cache.device), manager=manager)
         self.interrogator = Interrogator(self.dirs, manager=manager)
+        from ..controlnet.models import ControlNetRegistry
+
+        self.controlnets = ControlNetRegistry(self.dirs)
 
     @property
     def styles_file(self) -> Path:
@@ -310,6 +315,59 @@ class Engine:
             except NotFoundError as e:
                 raise InvalidRequestError(f"upscaler_for_img2img: {e}") from None
 
+    def check_controlnet(self, req: GenerationRequest) -> GenerationRequest:
+        """Every active unit's model, module and image must be usable before any work starts; returns
+        the request with each unit's model pinned to its title ("name [hash]")."""
+        from ..controlnet import preprocess
+        from ..errors import InvalidRequestError
+        from .images import decode_image
+
+        units = list(req.controlnet)
+        for i, u in enumerate(units):
+            if not u.active:
+                continue
+            try:
+                units[i] = u.model_copy(update={"model": self.controlnets.find(u.model).title})
+                pre = preprocess.find(u.module)
+                if pre.run is None:
+                    preprocess.run(pre, None, 0, 0, 0, annotator_dir=self.dirs.controlnet_dir / "annotator")
+                if u.image is None and not req.init_images:
+                    raise InvalidRequestError("no image given: send the unit's 'image' (base64), or use img2img, "
+                                              "whose init image a unit without an image takes")
+                if u.image is not None:
+                    decode_image(u.image, "image")
+            except InvalidRequestError as e:
+                raise InvalidRequestError(f"controlnet unit {i}: {e}") from None
+        return req.model_copy(update={"controlnet": units}) if units else req
+
+    @contextlib.contextmanager
+    def controls(self, req: GenerationRequest, model: LoadedModel) -> Iterator[list[Any]]:
+        """The job's active ControlNet units with their models loaded (pinned while the job runs)."""
+        from ..controlnet import preprocess
+        from ..controlnet.apply import Control
+        from ..controlnet.models import load_controlnet
+        from ..errors import InvalidRequestError
+        from .images import decode_image
+
+        out: list[Any] = []
+        with contextlib.ExitStack() as stack:
+            for i, u in enumerate(req.control_units):
+                info = self.controlnets.find(u.model)
+                family = model.family.value.upper()
+
+                def load(path: Path = info.path, m: LoadedModel = model, fam: str = family) -> Any:
+                    return load_controlnet(path, m.unet.config, fam, m.device, m.dtype)
+
+                try:
+                    cn = stack.enter_context(self.cache.manager.use(
+                        "controlnet", (str(info.path), info.hash, family), load, file_bytes(info.path), info.title))
+                except InvalidRequestError as e:
+                    raise InvalidRequestError(f"controlnet unit {i}: {e}") from None
+                src = np.asarray(decode_image(u.image, f"controlnet unit {i} image").convert("RGB")) if u.image else None
+                out.append(Control(u.model_copy(update={"model": info.title}), cn, src, preprocess.find(u.module),
+                                   self.dirs.controlnet_dir / "annotator"))
+            yield out
+
     def resolve_model(self, req: GenerationRequest) -> CheckpointInfo:
         return self.registry.find_checkpoint(req.model) if req.model else self.registry.default_checkpoint()
 
@@ -320,9 +378,11 @@ class Engine:
         progress: ProgressFn | None = None,
         save_to: Path | None = None,
         on_saved: Callable[[Path], None] | None = None,
+        detected_maps: bool = True,
     ) -> SavedResult:
         """Run a request (txt2img, img2img, inpainting, outpainting or a script) and save its images
-        (in ``save_to`` or A1111's dated outputs folder)."""
+        (in ``save_to`` or A1111's dated outputs folder), then ControlNet's detected maps unless
+        ``detected_maps`` is False (scripts' cells and tiles)."""
         req = self.apply_styles(req)
         if req.script_name:
             return self.run_script(req, control, progress, save_to)
@@ -331,7 +391,7 @@ class Engine:
             req = outpaint_request(req)
         info = self.resolve_model(req)
         vae_info = self.registry.find_vae(req.vae) if req.vae else None
-        with self.cache.use(info) as model:
+        with self.cache.use(info) as model, self.controls(req, model) as controls:
             vae = self.cache.vae(vae_info, model) if vae_info else None
             extras, warnings = self.extras_for(req.prompt, model)
             result = generate_images(
@@ -344,6 +404,7 @@ class Engine:
                 progress,
                 extras,
                 self.upscale,
+                controls,
             )
         result.warnings[:0] = warnings
         kind = "img2img-images" if req.init_images else "txt2img-images"
@@ -355,4 +416,8 @@ class Engine:
             saved.paths.append(path)
             if on_saved is not None:
                 on_saved(path)
+        if detected_maps:  # ControlNet's detected maps come after the images, as the extension returns them
+            number += len(result.images)
+            for i, img in enumerate(result.detected):
+                saved.detected.append(save_png(img, folder / f"{number + i:05d}-detected.png", ""))
         return saved

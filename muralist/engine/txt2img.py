@@ -91,6 +91,7 @@ class GenerationResult:
     sampler: str
     schedule: str
     warnings: list[str] = field(default_factory=list)
+    detected: list[Image.Image] = field(default_factory=list)  # ControlNet maps, as clients get them
 
 
 @contextlib.contextmanager
@@ -205,7 +206,10 @@ def sample(
         x = scheduler.scale_model_input(torch.cat([latents] * n) if n > 1 else latents, t)
         residuals: dict[str, Any] = {}
         if controls is not None:  # ControlNet units active at this step add to the UNet's skip connections
-            residuals = controls(x.to(dtype), t, context, added, (i + 1) / len(timesteps), b if guided else 0)
+            # A1111's step counter: the index of the last finished step (0 on the first two steps).
+            order = getattr(scheduler, "order", 1)
+            n_run = max(1, -(-len(timesteps) // order))
+            residuals = controls(x.to(dtype), t, context, added, max(i // order - 1, 0) / n_run, b if guided else 0)
         if image_cond is not None:
             x = torch.cat([x, torch.cat([image_cond] * n).to(x.device, x.dtype)], dim=1)
         with torch.inference_mode():
@@ -384,6 +388,7 @@ def generate_images(
     progress: ProgressFn | None = None,
     extras: Extras | None = None,
     upscale: Callable[[Image.Image, int, int, str], Image.Image] | None = None,
+    controls: list[Any] | None = None,
 ) -> GenerationResult:
     """txt2img (with hires fix) or, when ``req.init_images`` is set, img2img and inpainting.
 
@@ -419,10 +424,21 @@ def generate_images(
         total_steps = max(1, min(int(min(strength, 0.999) * req.steps), req.steps))
     # A1111's hires pass always runs exactly its steps (a longer schedule, entered at the strength).
     hr_steps = (req.hr_second_pass_steps or req.steps) if req.enable_hr else 0
+    controls = controls or []
+    low_hook = hr_hook = None
+    if controls:
+        from ..controlnet.apply import ControlHook
+
+        for c in controls:
+            c.prepare(seeds[0], subseeds[0], req.width, req.height, inputs.originals[0] if inputs else None, req.resize_mode)
+        phase = "low" if req.enable_hr else None
+        low_hook, hr_hook = ControlHook(controls, phase) or None, ControlHook(controls, "high") or None
     with model.lock, _tiling([model.unet, vae], req.tiling), _loras(model, extras.loras):
         encoder = PromptEncoder(model, req.clip_skip, extras.embeddings, req.novelai_braces)
         conds = job_conditioning(encoder, prompt, negative, req.steps)
         extra_params: dict[str, Any] = {}
+        for i, c in enumerate(controls):
+            extra_params[f"ControlNet {i}"] = c.infotext
         for n in range(req.n_iter):
             if control is not None and control.interrupted.is_set():
                 raise Interrupted()
@@ -460,15 +476,19 @@ def generate_images(
                     image_cond = _inpaint_image_cond(model, vae, batch_images, latent_mask, init_latent.shape)
             elif inpaint_model:
                 image_cond = _txt2img_image_cond(model, vae, req).repeat(req.batch_size, 1, 1, 1)
+            for c in controls:
+                c.set_size(req.width, req.height, model.device, model.dtype)
             latents = sample(
                 model, scheduler, noise, conds, req.cfg_scale, req.steps, _step_kwargs(scheduler, rng.generators, req.eta),
                 (req.height, req.width), control, on_step, image_cond, init_latent, strength if img2img else 1.0,
-                None if inpaint_model else latent_mask, req.img2img_fix_steps,
+                None if inpaint_model else latent_mask, req.img2img_fix_steps, low_hook,
             )
             if req.enable_hr and not _stopped(control):
+                for c in controls:
+                    c.set_size(*req.hr_size, model.device, model.dtype)
                 latents = _hires_pass(model, vae, req, hr_choice, hr_upscaler, strength, latents, batch_seeds, batch_subseeds,
                                       encoder, prompt, negative, conds, control,
-                                      lambda step, lat, n=n: on_step(step, lat, n, total_steps), upscale)
+                                      lambda step, lat, n=n: on_step(step, lat, n, total_steps), upscale, hr_hook)
                 extra_params.update(_hires_params(req, hr_upscaler, strength, hr_choice, choice))
             if control is not None and control.interrupted.is_set():
                 raise Interrupted()
@@ -498,6 +518,12 @@ def generate_images(
                 result.infotexts.append(build_infotext(req.prompt, req.negative_prompt, params))
                 result.seeds.append(seed)
                 result.subseeds.append(subseed)
+    for c in controls:  # the extension's order: with hires fix the hires-size map, then the base one
+        if c.unit.save_detected_map:
+            if req.enable_hr and c.unit.hr_option != "Low res only":
+                result.detected.append(Image.fromarray(c.map_for(*req.hr_size)))
+            if not req.enable_hr or c.unit.hr_option != "High res only":
+                result.detected.append(Image.fromarray(c.map_for(req.width, req.height)))
     return result
 
 
@@ -528,7 +554,7 @@ def _inpaint_image_cond(model: LoadedModel, vae: Any, images: list[Image.Image],
 def _hires_pass(model: LoadedModel, vae: Any, req: GenerationRequest, choice: samplers.SamplerChoice, upscaler: str,
                 strength: float, latents: torch.Tensor, seeds: list[int], subseeds: list[int], encoder: PromptEncoder,
                 prompt: str, negative: str, conds: JobConditioning, control: JobControl | None,
-                on_step: Callable[[int, torch.Tensor], None], upscale: Any) -> torch.Tensor:
+                on_step: Callable[[int, torch.Tensor], None], upscale: Any, controls: Any = None) -> torch.Tensor:
     """Hires fix: upscale the first pass (in latent space, or as an image) and run img2img on it."""
     w, h = req.hr_size
     if upscaler in LATENT_MODES:
@@ -548,7 +574,7 @@ def _hires_pass(model: LoadedModel, vae: Any, req: GenerationRequest, choice: sa
     if model.unet.config.in_channels == 9:
         image_cond = _inpaint_image_cond(model, vae, decode(vae, init, model.vae_scale), None, init.shape)
     return sample(model, scheduler, noise, hr_conds, req.cfg_scale, steps, _step_kwargs(scheduler, rng.generators, req.eta),
-                  (h, w), control, on_step, image_cond, init, strength, fix_steps=True)
+                  (h, w), control, on_step, image_cond, init, strength, fix_steps=True, controls=controls)
 
 
 def _hires_params(req: GenerationRequest, upscaler: str, strength: float, hr: samplers.SamplerChoice,

@@ -132,10 +132,47 @@ TINY_SET = {
 }
 
 
-def make_tiny_models(ckpt_dir: Path, vae_dir: Path) -> list[Path]:
-    """Write the tiny model set into A1111's ``models/Stable-diffusion`` and ``models/VAE`` folders."""
+def tiny_controlnet(family: Family, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A tiny ControlNet for the tiny ``family`` model, in the layout real files of that family use:
+    the original (LDM, ``control_model.*``) one for SD1/SD2, diffusers' for SDXL."""
+    from diffusers import ControlNetModel
+
+    from ..controlnet.models import controlnet_config, export_ldm
+
+    unet = tiny_components(family)["unet"]
+    torch.manual_seed(seed)
+    model = ControlNetModel(**controlnet_config(unet.config, {}))
+    # Trained ControlNets' zero convolutions are no longer zero, and their hint encoder is strong;
+    # random ones of that kind make the control (and the control image) visible in tiny images.
+    for name, p in model.named_parameters():
+        if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding")):
+            p.data.normal_(0.0, 0.1)
+    sd = model.state_dict() if family is Family.SDXL else export_ldm(model)
+    return {k: v.detach().contiguous().clone() for k, v in sd.items()}
+
+
+TINY_CONTROLNETS = {
+    "tiny-control-sd15.safetensors": (Family.SD1, 0),
+    "tiny-control-sd15-b.pth": (Family.SD1, 3),
+    "tiny-control-sdxl.safetensors": (Family.SDXL, 0),
+}
+
+
+def make_tiny_models(ckpt_dir: Path, vae_dir: Path, controlnet_dir: Path | None = None) -> list[Path]:
+    """Write the tiny model set into A1111's ``models/Stable-diffusion``, ``models/VAE`` and
+    (when given) ``models/ControlNet`` folders."""
     written = []
     for name, (family, inpainting, seed) in TINY_SET.items():
         written.append(save(tiny_checkpoint(family, inpainting, seed), ckpt_dir / name))
     written.append(save(tiny_vae(), vae_dir / "tiny-vae.safetensors"))
+    if controlnet_dir is not None:
+        for name, (family, seed) in TINY_CONTROLNETS.items():
+            sd = tiny_controlnet(family, seed)
+            path = controlnet_dir / name
+            if path.suffix == ".pth":  # the original ControlNet 1.1 files: a plain pickled state dict
+                path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(sd, path)
+                written.append(path)
+            else:
+                written.append(save(sd, path))
     return written

@@ -828,7 +828,8 @@ def run_xyz(
         if control is not None and control.interrupted.is_set():
             raise Interrupted()
         cell = plan.cells[key]
-        saved = engine.generate(cell, control, _job_progress(progress, k, len(plan.order), n_iter, started), save_to)
+        saved = engine.generate(cell, control, _job_progress(progress, k, len(plan.order), n_iter, started), save_to,
+                                detected_maps=False)
         r = saved.result
         per_cell[key] = (r.images, r.infotexts, r.seeds, saved.paths)
         if r.infotexts:
@@ -958,7 +959,8 @@ def run_prompt_matrix(
     for i, cell in enumerate(cells):
         if control is not None and control.interrupted.is_set():
             raise Interrupted()
-        saved = engine.generate(cell, control, _job_progress(progress, i, len(cells), 1, started), save_to)
+        saved = engine.generate(cell, control, _job_progress(progress, i, len(cells), 1, started), save_to,
+                                detected_maps=False)
         r = saved.result
         result.images += r.images
         result.infotexts += r.infotexts

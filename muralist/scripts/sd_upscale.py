@@ -60,7 +60,8 @@ def sd_upscale(engine: Any, req: GenerationRequest, overlap: int, upscaler: str,
             tile = big.crop((x, y, x + req.width, y + req.height))
             tile_req = req.model_copy(update={"init_images": [encode_png(tile)], "mask": None, "batch_size": 1, "n_iter": 1,
                                               "script_name": None, "script_args": [], "styles": [], "resize_mode": 0})
-            out = engine.generate(tile_req, control=control, progress=progress, save_to=save_to / "tiles" if save_to else None)
+            out = engine.generate(tile_req, control=control, progress=progress, save_to=save_to / "tiles" if save_to else None,
+                                  detected_maps=False)
             w = blend_weights(req.width, req.height, overlap, i > 0, j > 0)[..., None]
             acc[y : y + req.height, x : x + req.width] += np.asarray(out.result.images[0], dtype=np.float32) * w
             weight[y : y + req.height, x : x + req.width] += w

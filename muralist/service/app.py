@@ -386,9 +386,10 @@ def create_app(service: Service, auth: AuthConfig | None = None, cors_origins: l
         used, limit = token_count(prompt, steps)
         return {"tokens": used, "limit": limit}
 
-    from .sdapi import install
+    from . import controlnet_api, sdapi
 
-    install(app, service)
+    sdapi.install(app, service)
+    controlnet_api.install(app, service)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

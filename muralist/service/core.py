@@ -224,6 +224,7 @@ class Service:
         samplers.resolve(req.sampler_name, req.scheduler)
         eng = self.engine
         eng.check_upscaler(req)
+        req = eng.check_controlnet(req)
         # The whole plan (scripts' cells and tiles, hires and outpainting passes) against the limits;
         # scripts' axis values are checked on the way, before anything runs.
         costs.check(costs.generation_cost(eng, req), limits)

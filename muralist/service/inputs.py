@@ -17,6 +17,7 @@ from ..errors import InvalidRequestError
 
 REF = "muralist-input:"  # a params value "muralist-input:inputs/<owner>/<name>" is a stored file
 FIELDS = ("init_images", "mask", "images", "image")  # where request params carry images
+NESTED = "controlnet"  # a list of objects with their own image fields
 
 
 def store_inputs(root: Path, owner: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -29,6 +30,8 @@ def store_inputs(root: Path, owner: str, params: dict[str, Any]) -> dict[str, An
             out[key] = _write(root, folder, value)
         elif isinstance(value, list) and value and all(isinstance(v, str) for v in value):
             out[key] = [_write(root, folder, v) for v in value]
+    if isinstance(out.get(NESTED), list):  # ControlNet units carry their own image and mask
+        out[NESTED] = [store_inputs(root, owner, u) if isinstance(u, dict) else u for u in out[NESTED]]
     return out
 
 
@@ -41,6 +44,8 @@ def load_inputs(root: Path, params: dict[str, Any]) -> dict[str, Any]:
             out[key] = _read(root, value)
         elif isinstance(value, list):
             out[key] = [_read(root, v) if isinstance(v, str) else v for v in value]
+    if isinstance(out.get(NESTED), list):
+        out[NESTED] = [load_inputs(root, u) if isinstance(u, dict) else u for u in out[NESTED]]
     return out
 
 
@@ -51,6 +56,9 @@ def input_paths(root: Path, params: dict[str, Any]) -> list[Path]:
         for v in value if isinstance(value, list) else [value]:
             if isinstance(v, str) and v.startswith(REF):
                 refs.append(root / v[len(REF):])
+    for unit in params.get(NESTED) or []:
+        if isinstance(unit, dict):
+            refs += input_paths(root, unit)
     return refs
 
 

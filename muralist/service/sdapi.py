@@ -54,6 +54,11 @@ def a1111_params(body: dict[str, Any]) -> dict[str, Any]:
             params[k] = v
     if not body.get("sampler_name") and body.get("sampler_index"):
         params["sampler_name"] = body["sampler_index"]
+    from ..controlnet.units import units_from_alwayson
+
+    units = units_from_alwayson(body.get("alwayson_scripts"))  # sd-webui-controlnet's units
+    if units is not None:
+        params["controlnet"] = units
     for opt, value in overrides.items():
         if opt in OPTION_FIELDS and value is not None:
             params[OPTION_FIELDS[opt]] = value  # this job only

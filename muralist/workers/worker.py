@@ -240,6 +240,9 @@ class Worker:
         images = _read_images(saved.paths, r.infotexts, r.seeds)
         if req.samples_format != "png":
             images = [_reformat(img, req) for img in images]
+        # ControlNet's detected maps follow the images (PNG, no infotext), as the extension returns them.
+        images += _read_images(saved.detected, [""] * len(saved.detected), [-1] * len(saved.detected))
+        result["detected_maps"] = len(saved.detected)
         return {"type": "done", "images": images, "result": result}
 
     def _extras(self, params: dict[str, Any], folder: Path) -> tuple[list[Path], list[str]]:
