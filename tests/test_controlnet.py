@@ -326,3 +326,39 @@ def test_native_jobs_take_the_same_units(server) -> None:
     assert job["status"] == "succeeded", job
     assert len(job["result"]["images"]) == 2 and job["result"]["detected_maps"] == 1
     assert not list((service.dirs.root / "inputs").rglob("*.b64"))  # the unit's image file went with the job
+
+
+def test_xyz_plot_over_controlnet_weight_and_model(engine, tmp_path: Path) -> None:
+    from muralist.scripts.grids import XYZSpec, plan_xyz, run_xyz
+
+    base = GenerationRequest(**BASE, controlnet=[unit()])
+    res = run_xyz(engine, base, XYZSpec("[ControlNet] Weight", "0, 1"), save_to=tmp_path)
+    plain = pixels(run(engine, tmp_path).result.images[0])
+    full = pixels(run(engine, tmp_path, controlnet=[unit()]).result.images[0])
+    assert np.array_equal(pixels(res.images[0]), plain) and np.array_equal(pixels(res.images[1]), full)
+    plan = plan_xyz(engine, base, XYZSpec("[ControlNet] Model", "tiny-control-sd15, tiny-control-sd15-b", "[ControlNet] Guidance End", "0.5, 1"))
+    assert len(plan.order) == 4
+    with pytest.raises(InvalidRequestError, match="tiny-control-sd1"):
+        plan_xyz(engine, base, XYZSpec("[ControlNet] Model", "tiny-control-sd1"))
+    with pytest.raises(InvalidRequestError, match="enabled ControlNet unit"):
+        plan_xyz(engine, GenerationRequest(**BASE), XYZSpec("[ControlNet] Weight", "0.5"))
+
+
+def test_inpaint_unit_takes_the_img2img_mask(engine, tmp_path: Path) -> None:
+    """The inpaint ControlNet sees the image with the masked area at -1; its map's alpha marks it."""
+    init = shape_image("bar")
+    mask = Image.new("L", (64, 64), 0)
+    ImageDraw.Draw(mask).rectangle((20, 20, 44, 44), fill=255)
+    common = dict(init_images=[b64(init)], mask=b64(mask), denoising_strength=0.8, mask_blur=0, inpaint_full_res=False)
+    plain = run(engine, tmp_path, **common)
+    guided = run(engine, tmp_path, **common, controlnet=[unit(image=None, module="inpaint_only")])
+    assert not np.array_equal(pixels(plain.result.images[0]), pixels(guided.result.images[0]))
+    detected = np.asarray(Image.open(guided.detected[0]))
+    assert detected.shape == (64, 64, 4) and detected[32, 32, 3] == 128 and detected[2, 2, 3] == 255
+    from muralist.controlnet.apply import Control
+
+    c = Control(GenerationRequest(controlnet=[unit(module="inpaint")]).controlnet[0], None, np.asarray(init),
+                preprocess.find("inpaint"), np.asarray(mask))
+    c.prepare(1, 1, 64, 64, None, 0)
+    c.set_size(64, 64, torch.device("cpu"), torch.float32)
+    assert torch.all(c.hint[0, :, 32, 32] == -1) and torch.allclose(c.hint[0, :, 2, 2], torch.zeros(3))

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is n
 
 @pytest.fixture(scope="module")
 def site(a1111_models: Path, tmp_path_factory: pytest.TempPathFactory):
-    root = copy_models(a1111_models, tmp_path_factory.mktemp("web") / "data")
+    root = copy_models(a1111_models, tmp_path_factory.mktemp("web") / "data", controlnet=True)
     with running_server(root) as (url, service):
         keys = {n: service.store.add_user(n) for n in ("alice", "bob")}
         yield url, service, keys
@@ -273,3 +273,35 @@ def test_outpainting_from_the_page(site, browser, tmp_path: Path) -> None:
     page.wait_for_selector(".job[data-status=succeeded] img", timeout=60000)
     page.wait_for_function("document.querySelector('.job[data-status=succeeded] img').naturalWidth === 96")
     assert page.eval_on_selector(".job[data-status=succeeded] img", "img => img.naturalHeight") == 64
+
+
+def test_controlnet_unit_from_the_page(site, browser, tmp_path: Path) -> None:
+    """Add a unit, upload a control image, preview the preprocessor, generate: the image is guided
+    (its infotext names the unit) and the detected map follows it; reusing the infotext refills the unit."""
+    from PIL import Image, ImageDraw
+
+    url, service, keys = site
+    img = Image.new("RGB", (64, 64), "black")
+    ImageDraw.Draw(img).ellipse((12, 12, 52, 52), fill="white")
+    img.save(tmp_path / "control.png")
+    page = signed_in(browser, url, keys["bob"])
+    small_job(page, "a round tower")
+    page.click("#cn-add")
+    page.set_input_files(".cn-unit .cn-file", str(tmp_path / "control.png"))
+    page.wait_for_selector(".cn-unit .cn-canvas", state="visible")
+    page.select_option(".cn-unit .cn-module", "canny")
+    page.select_option(".cn-unit .cn-model", label=next(i.title for i in service.engine.controlnets.list()))
+    page.click(".cn-unit .cn-preview")
+    page.wait_for_selector(".cn-unit .cn-detected", state="visible")
+    assert page.eval_on_selector(".cn-unit .cn-detected", "i => i.naturalWidth") == 512  # canny at its 512 resolution
+    page.click("#generate")
+    page.wait_for_selector(".job[data-status=succeeded] img", timeout=60000)
+    assert page.locator(".job[data-status=succeeded] img").count() == 2
+    caption = page.locator(".job[data-status=succeeded] .infotext").first.inner_text()
+    assert 'ControlNet 0: "Module: canny, Model: tiny-control-sd15 [' in caption
+    shot(page, "controlnet")
+    page.click(".cn-unit .cn-remove")
+    assert page.locator(".cn-unit").count() == 0
+    page.evaluate("text => applyInfotext(text)", caption)
+    assert page.locator(".cn-unit").count() == 1
+    assert page.eval_on_selector(".cn-unit .cn-model", "s => s.value").startswith("tiny-control-sd15 [")

@@ -47,7 +47,9 @@ def hq_resize(img: np.ndarray, w: int, h: int) -> np.ndarray:
     else:
         interp = cv2.INTER_CUBIC
     out = cv2.resize(img, (w, h), interpolation=interp)
-    if binary:
+    if img.shape[2] == 4:  # the inpaint mask stays a mask
+        out[:, :, 3] = np.where(out[:, :, 3] > 127, 255, 0)
+    elif binary:
         gray = out.mean(axis=2).clip(0, 255).astype(np.uint8)
         _, bw = cv2.threshold(gray, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
         out = np.stack([bw] * 3, axis=2)
@@ -72,6 +74,8 @@ def fit(detected: np.ndarray, mode: str, w: int, h: int) -> np.ndarray:
     border = np.concatenate([detected[0], detected[-1], detected[:, 0], detected[:, -1]], axis=0)
     canvas = np.empty((h, w, detected.shape[2]), dtype=np.uint8)
     canvas[:] = np.median(border, axis=0).astype(np.uint8)
+    if detected.shape[2] == 4:
+        canvas[:, :, 3] = 255  # the padding is new area: an inpaint unit repaints it (outpainting)
     y, x = (h - nh) // 2, (w - nw) // 2
     canvas[y:y + nh, x:x + nw] = small
     return canvas
@@ -88,6 +92,7 @@ class Control:
     model: Any
     source: np.ndarray | None  # the unit's own image (RGB uint8); None: the img2img init image
     preprocessor: Any
+    mask: np.ndarray | None = None  # the unit's own mask (inpaint modules)
     annotator_dir: Any = None
     detected: np.ndarray | None = None  # RGB uint8, at the processing resolution
     resize_mode: str = "Crop and Resize"
@@ -95,7 +100,8 @@ class Control:
     hint: torch.Tensor | None = None  # (1, 3, H, W) in [0, 1] for the current pass
     _maps: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
 
-    def prepare(self, seed: int, subseed: int, w: int, h: int, init_image: Any, img2img_resize: int) -> None:
+    def prepare(self, seed: int, subseed: int, w: int, h: int, init_image: Any, img2img_resize: int,
+                img2img_mask: Any = None) -> None:
         """Run the preprocessor (once per job), as the extension does before sampling."""
         from . import preprocess
 
@@ -110,6 +116,15 @@ class Control:
         if u.pixel_perfect:
             res = preprocess.pixel_perfect_resolution(src.shape[0], src.shape[1], h // 8 * 8, w // 8 * 8, self.resize_mode)
         self.detected = preprocess.run(self.preprocessor, src, int(res), a, b, (seed + subseed) & 0xFFFFFFFF, self.annotator_dir)
+        if self.preprocessor.mask:  # alpha: the unit's mask, else the img2img mask, else nothing to repaint
+            mask = self.mask if self.mask is not None else img2img_mask
+            alpha = np.zeros(src.shape[:2], np.uint8)
+            if mask is not None:
+                from PIL import Image
+
+                alpha = np.asarray(Image.fromarray(mask).convert("L").resize((src.shape[1], src.shape[0]), Image.NEAREST))
+                alpha = np.where(alpha > 127, 255, 0).astype(np.uint8)
+            self.detected = np.dstack([self.detected[:, :, :3], alpha])
         self._maps.clear()
 
     def map_for(self, w: int, h: int) -> np.ndarray:
@@ -118,9 +133,20 @@ class Control:
             self._maps[(w, h)] = fit(self.detected, self.resize_mode, w, h)
         return self._maps[(w, h)]
 
+    def client_map(self, w: int, h: int) -> np.ndarray:
+        """The map as the extension returns it (inpaint: alpha = 255 - mask / 2)."""
+        m = self.map_for(w, h)
+        if m.shape[2] == 4:
+            m = m.copy()
+            m[:, :, 3] = 255 - m[:, :, 3] // 2
+        return m
+
     def set_size(self, w: int, h: int, device: torch.device, dtype: torch.dtype) -> None:
-        fitted = self.map_for(w, h)
-        self.hint = torch.from_numpy(fitted.astype(np.float32) / 255.0).permute(2, 0, 1)[None].to(device, dtype)
+        fitted = self.map_for(w, h).astype(np.float32) / 255.0
+        if fitted.shape[2] == 4:  # the inpaint ControlNet sees the masked area as -1
+            m = (fitted[:, :, 3:] > 0.5).astype(np.float32)
+            fitted = fitted[:, :, :3] * (1.0 - m) - m
+        self.hint = torch.from_numpy(np.ascontiguousarray(fitted)).permute(2, 0, 1)[None].to(device, dtype)
 
 
 class ControlHook:

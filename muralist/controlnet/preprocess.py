@@ -42,6 +42,7 @@ class Preprocessor:
     resolution: bool = True  # shows the Resolution slider
     weights: str = ""  # annotator file it needs, for the error message
     priority: int = 0
+    mask: bool = False  # takes a mask (inpaint): the map is RGBA, alpha = area to repaint
 
     def module_detail(self) -> dict[str, Any]:
         return {"model_free": False, "sliders": ([RESOLUTION] if self.resolution else []) + [s.json() for s in self.sliders]}
@@ -219,6 +220,9 @@ PREPROCESSORS: list[Preprocessor] = [
                  (Slider("Gamma Correction", 1.0, 0.1, 2.0, 0.001),)),
     Preprocessor("lineart_standard", "lineart_standard (from white bg & black line)", _lineart_standard, ("Lineart",)),
     Preprocessor("shuffle", "shuffle", _shuffle, ("Shuffle",), resolution=False, priority=100),
+    # The inpaint ControlNet's input: the image with the masked area marked (see apply.Control.set_size).
+    Preprocessor("inpaint", "inpaint_global_harmonious", _none, ("Inpaint",), resolution=False, mask=True, priority=100),
+    Preprocessor("inpaint_only", "inpaint_only", _none, ("Inpaint",), resolution=False, mask=True),
     # Annotators with weights (A1111's downloads folder names); not bundled, never fetched.
     Preprocessor("openpose", "openpose", None, ("OpenPose",), weights="openpose/body_pose_model.pth", priority=100),
     Preprocessor("depth", "depth_midas", None, ("Depth",), weights="midas/dpt_hybrid-midas-501f0c75.pt", priority=100),

@@ -336,6 +336,8 @@ class Engine:
                                               "whose init image a unit without an image takes")
                 if u.image is not None:
                     decode_image(u.image, "image")
+                if u.mask is not None:
+                    decode_image(u.mask, "mask")
             except InvalidRequestError as e:
                 raise InvalidRequestError(f"controlnet unit {i}: {e}") from None
         return req.model_copy(update={"controlnet": units}) if units else req
@@ -364,8 +366,9 @@ class Engine:
                 except InvalidRequestError as e:
                     raise InvalidRequestError(f"controlnet unit {i}: {e}") from None
                 src = np.asarray(decode_image(u.image, f"controlnet unit {i} image").convert("RGB")) if u.image else None
+                mask = np.asarray(decode_image(u.mask, f"controlnet unit {i} mask").convert("L")) if u.mask else None
                 out.append(Control(u.model_copy(update={"model": info.title}), cn, src, preprocess.find(u.module),
-                                   self.dirs.controlnet_dir / "annotator"))
+                                   mask, self.dirs.controlnet_dir / "annotator"))
             yield out
 
     def resolve_model(self, req: GenerationRequest) -> CheckpointInfo:

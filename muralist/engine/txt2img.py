@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .. import __version__
 from ..errors import InvalidRequestError
@@ -337,7 +337,7 @@ class _Img2ImgInputs:
 
 
 def _prepare_img2img(req: GenerationRequest, upscale: Any = None) -> _Img2ImgInputs:
-    from PIL import ImageFilter, ImageOps
+    from PIL import ImageFilter
 
     from . import images as im
 
@@ -429,8 +429,15 @@ def generate_images(
     if controls:
         from ..controlnet.apply import ControlHook
 
+        mask = None
+        if req.mask is not None:  # an inpaint unit without a mask of its own takes the img2img mask
+            from .images import decode_image
+
+            mask_img = decode_image(req.mask, "mask").convert("L")
+            mask = np.asarray(ImageOps.invert(mask_img) if req.inpainting_mask_invert else mask_img)
         for c in controls:
-            c.prepare(seeds[0], subseeds[0], req.width, req.height, inputs.originals[0] if inputs else None, req.resize_mode)
+            c.prepare(seeds[0], subseeds[0], req.width, req.height, inputs.originals[0] if inputs else None, req.resize_mode,
+                      mask)
         phase = "low" if req.enable_hr else None
         low_hook, hr_hook = ControlHook(controls, phase) or None, ControlHook(controls, "high") or None
     with model.lock, _tiling([model.unet, vae], req.tiling), _loras(model, extras.loras):
@@ -521,9 +528,9 @@ def generate_images(
     for c in controls:  # the extension's order: with hires fix the hires-size map, then the base one
         if c.unit.save_detected_map:
             if req.enable_hr and c.unit.hr_option != "Low res only":
-                result.detected.append(Image.fromarray(c.map_for(*req.hr_size)))
+                result.detected.append(Image.fromarray(c.client_map(*req.hr_size)))
             if not req.enable_hr or c.unit.hr_option != "High res only":
-                result.detected.append(Image.fromarray(c.map_for(req.width, req.height)))
+                result.detected.append(Image.fromarray(c.client_map(req.width, req.height)))
     return result
 
 

@@ -196,6 +196,30 @@ def _apply_vae(req: GenerationRequest, value: str, values: list[str]) -> None:
     req.vae = None if value.strip().lower() in ("", "automatic", "auto", "none") else value
 
 
+def _set_unit(field_name: str) -> Callable[[GenerationRequest, Any, list[Any]], None]:
+    """sd-webui-controlnet's "[ControlNet] ..." axes: the value goes to every enabled unit."""
+
+    def apply(req: GenerationRequest, value: Any, values: list[Any]) -> None:
+        if not req.control_units:
+            raise ValueError("the [ControlNet] axes need an enabled ControlNet unit in the request")
+        from ..controlnet.units import ControlNetUnit
+
+        req.controlnet = [ControlNetUnit.model_validate({**u.model_dump(), field_name: value}) if u.active else u
+                          for u in req.controlnet]
+
+    return apply
+
+
+def _check_controlnet(engine: Engine, value: str) -> None:
+    engine.controlnets.find(value)
+
+
+def _check_module(engine: Engine, value: str) -> None:
+    from ..controlnet import preprocess
+
+    preprocess.find(value)
+
+
 AXES: dict[str, AxisType] = {
     a.label: a
     for a in (
@@ -216,6 +240,11 @@ AXES: dict[str, AxisType] = {
         AxisType("Denoising", float, _set("denoising_strength")),
         AxisType("VAE", str, _apply_vae, cost=0.7, choices=True, check=_check_vae),
         AxisType("Size", str, _apply_size),
+        AxisType("[ControlNet] Weight", float, _set_unit("weight")),
+        AxisType("[ControlNet] Guidance Start", float, _set_unit("guidance_start")),
+        AxisType("[ControlNet] Guidance End", float, _set_unit("guidance_end")),
+        AxisType("[ControlNet] Model", str, _set_unit("model"), label_style="value", cost=0.5, check=_check_controlnet),
+        AxisType("[ControlNet] Preprocessor", str, _set_unit("module"), label_style="value", check=_check_module),
     )
 }
 _AXES_LOWER = {k.lower(): v for k, v in AXES.items()}

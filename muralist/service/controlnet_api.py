@@ -77,6 +77,8 @@ def install(app: FastAPI, service: Service) -> None:
             raise InvalidRequestError(f"Module not available: {body.controlnet_module!r}; see /controlnet/module_list") from None
         if not body.controlnet_input_images:
             raise InvalidRequestError("No image selected: send controlnet_input_images (base64)")
+        if pre.mask and len(body.controlnet_masks) != len(body.controlnet_input_images):
+            raise InvalidRequestError(f"Preprocessor {pre.name} requires `controlnet_masks` param (one mask per image)")
         res, a, b = pre.bounded(body.controlnet_processor_res, body.controlnet_threshold_a, body.controlnet_threshold_b)
         out = []
         for i, data in enumerate(body.controlnet_input_images):
@@ -85,6 +87,9 @@ def install(app: FastAPI, service: Service) -> None:
                 raise InvalidRequestError(f"controlnet_input_images[{i}]: {img.width}x{img.height} is larger than 4096x4096")
             detected = preprocess.run(pre, np.asarray(img.convert("RGB")), int(res), a, b, 0,
                                       service.dirs.controlnet_dir / "annotator")
+            if pre.mask:  # the map as the extension shows it: alpha = 255 - mask / 2
+                mask = decode_image(body.controlnet_masks[i], f"controlnet_masks[{i}]").convert("L").resize(img.size)
+                detected = np.dstack([detected, 255 - (np.asarray(mask) > 127).astype(np.uint8) * 127])
             buf = io.BytesIO()
             Image.fromarray(detected).save(buf, format="PNG")
             out.append(base64.b64encode(buf.getvalue()).decode())

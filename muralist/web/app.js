@@ -81,6 +81,9 @@ async function fillChoices(me) {
   for (const v of models.vaes) vae.add(new Option(v.name, v.name, false, v.name === opts.vae));
   fill($("hr_upscaler"), [...samplers.latent_upscale_modes, ...models.upscalers], "Latent");
   fill($("extras-upscaler"), models.upscalers, "Lanczos");
+  const [modules, cnModels] = await Promise.all([api("/controlnet/module_list?alias_names=true"), api("/controlnet/model_list")]);
+  state.cn = { modules: modules.module_list, models: ["None", ...cnModels.model_list] };
+  document.querySelectorAll(".cn-unit").forEach(fillUnit);
   const styles = await api("/api/v1/styles");
   fill($("styles"), styles.styles.map((st) => st.name), null);
   $("admin-tab").hidden = !(me && me.admin);
@@ -129,15 +132,97 @@ function clearMask() {
 }
 
 function paintAt(ev) {
-  const c = $("mask-canvas");
+  brush($("mask-canvas"), ev, Number($("brush").value));
+  paint.painted = true;
+}
+
+// ---------------------------------------------------------------- ControlNet units (sd-webui-controlnet's fields)
+
+function fillUnit(el) {
+  const cn = state.cn || { modules: ["none"], models: ["None"] };
+  for (const [cls, values] of [["cn-module", cn.modules], ["cn-model", cn.models]]) {
+    const sel = el.querySelector(`.${cls}`);
+    const current = sel.value || sel.dataset.want;
+    sel.innerHTML = "";
+    for (const v of values) sel.add(new Option(v, v, false, v === current));
+    if (current && !values.includes(current)) sel.add(new Option(current, current, false, true));
+  }
+}
+
+function addUnit() {
+  const el = $("cn-unit").content.firstElementChild.cloneNode(true);
+  el.querySelectorAll("[data-i18n]").forEach((n) => { n.textContent = t(n.dataset.i18n); });
+  const canvas = el.querySelector(".cn-canvas");
+  const show = (w, h) => { canvas.width = w; canvas.height = h; canvas.hidden = false; el.dataset.image = "1"; };
+  el.querySelector(".cn-file").onchange = async (ev) => {
+    const file = ev.target.files[0];
+    if (!file) return;
+    const img = new Image();
+    img.onload = () => { show(img.naturalWidth, img.naturalHeight); canvas.getContext("2d").drawImage(img, 0, 0); };
+    img.src = await fileDataURL(file);
+  };
+  el.querySelector(".cn-blank").onclick = () => {  // draw a scribble: white lines on black, as scribble models expect
+    show(Number($("width").value), Number($("height").value));
+    const ctx = canvas.getContext("2d");
+    ctx.fillStyle = "black";
+    ctx.fillRect(0, 0, canvas.width, canvas.height);
+  };
+  let drawing = false;
+  canvas.addEventListener("pointerdown", (ev) => { drawing = true; canvas.setPointerCapture(ev.pointerId); brush(canvas, ev, 6); });
+  canvas.addEventListener("pointermove", (ev) => { if (drawing) brush(canvas, ev, 6); });
+  canvas.addEventListener("pointerup", () => { drawing = false; });
+  el.querySelector(".cn-preview").onclick = async () => {
+    if (!el.dataset.image) return showError(t("cn.image"));
+    try {
+      const r = await api("/controlnet/detect", { method: "POST", headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ controlnet_module: el.querySelector(".cn-module").value, controlnet_input_images: [canvas.toDataURL("image/png")] }) });
+      const out = el.querySelector(".cn-detected");
+      out.src = `data:image/png;base64,${r.images[0]}`;
+      out.hidden = false;
+    } catch (e) { showError(e.message); }
+  };
+  el.querySelector(".cn-remove").onclick = () => el.remove();
+  fillUnit(el);
+  $("cn-units").append(el);
+  return el;
+}
+
+function unitParams() {
+  const units = [];
+  for (const el of document.querySelectorAll(".cn-unit")) {
+    const q = (cls) => el.querySelector(`.${cls}`);
+    if (!q("cn-enabled").checked || q("cn-model").value === "None") continue;
+    units.push({ enabled: true, module: q("cn-module").value, model: q("cn-model").value, weight: Number(q("cn-weight").value),
+                 guidance_start: Number(q("cn-start").value), guidance_end: Number(q("cn-end").value),
+                 control_mode: q("cn-mode").value, resize_mode: q("cn-resize").value, pixel_perfect: q("cn-pp").checked,
+                 ...(el.dataset.image ? { image: q("cn-canvas").toDataURL("image/png") } : {}) });
+  }
+  return units;
+}
+
+function applyUnits(p) {
+  // "ControlNet N" infotext entries: Module, Model, Weight, ... (the image itself is not in the infotext)
+  const keys = Object.keys(p).filter((k) => /^ControlNet \d+$/.test(k)).sort();
+  keys.forEach((k, i) => {
+    const el = document.querySelectorAll(".cn-unit")[i] || addUnit();
+    const f = {};
+    for (const item of p[k].replace(/^"|"$/g, "").split(",")) { const [a, b] = item.split(": "); if (b !== undefined) f[a.trim()] = b.trim(); }
+    const set = (cls, v) => { if (v !== undefined) { const n = el.querySelector(`.${cls}`); n.dataset.want = v; n.value = v; } };
+    set("cn-module", f.Module); set("cn-model", f.Model); set("cn-weight", f.Weight); set("cn-start", f["Guidance Start"]);
+    set("cn-end", f["Guidance End"]); set("cn-mode", f["Control Mode"]); set("cn-resize", f["Resize Mode"]);
+    el.querySelector(".cn-pp").checked = f["Pixel Perfect"] === "True";
+    fillUnit(el);
+  });
+}
+
+function brush(c, ev, size) {
   const r = c.getBoundingClientRect();
   const sx = c.width / r.width, sy = c.height / r.height;
   const ctx = c.getContext("2d");
   ctx.fillStyle = "white";
   ctx.beginPath();
-  ctx.arc((ev.clientX - r.left) * sx, (ev.clientY - r.top) * sy, (Number($("brush").value) / 2) * sx, 0, 2 * Math.PI);
+  ctx.arc((ev.clientX - r.left) * sx, (ev.clientY - r.top) * sy, (size / 2) * sx, 0, 2 * Math.PI);
   ctx.fill();
-  paint.painted = true;
 }
 
 function formParams() {
@@ -159,6 +244,7 @@ function formParams() {
     styles: [...$("styles").selectedOptions].map((o) => o.value),
     ...($("enable_hr").checked && !paint.loaded ? { enable_hr: true, hr_scale: num("hr_scale"), hr_upscaler: $("hr_upscaler").value,
                                                     hr_second_pass_steps: num("hr_second_pass_steps") } : {}),
+    controlnet: unitParams(),
   };
 }
 
@@ -316,6 +402,7 @@ function applyInfotext(text) {
   if (p.Seed) $("seed").value = p.Seed;
   if (p.Sampler) $("sampler_name").value = p.Sampler;
   if (p.Size) { const [w, h] = p.Size.split("x"); $("width").value = w; $("height").value = h; }
+  applyUnits(p);
   countTokens();
 }
 
@@ -561,6 +648,7 @@ async function start() {
   mask.addEventListener("pointermove", (ev) => { if (paint.drawing) paintAt(ev); });
   mask.addEventListener("pointerup", () => { paint.drawing = false; });
   $("seed-reuse").onclick = () => { if (state.lastSeed != null) $("seed").value = state.lastSeed; };
+  $("cn-add").onclick = () => addUnit();
   const me = await refreshAccount();
   if (me) await fillChoices(me).catch((e) => showError(e.message));
   countTokens();
