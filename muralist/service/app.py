@@ -13,6 +13,7 @@ import base64
 import binascii
 import hmac
 import json
+import shutil
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -123,7 +124,9 @@ def create_app(service: Service, auth: AuthConfig | None = None, cors_origins: l
 
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"])
 
-    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    # Dataset uploads (zips) may be larger; they stream to a file, and each user's own limit applies.
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes,
+                       larger={("PUT", "/api/v1/datasets/"): max(max_body_bytes, service.settings.limits.max_dataset_bytes)})
 
     @app.exception_handler(MuralistError)
     async def muralist_error(_request: Request, exc: MuralistError) -> JSONResponse:
@@ -285,6 +288,10 @@ def create_app(service: Service, auth: AuthConfig | None = None, cors_origins: l
             raise InvalidRequestError("you cannot remove yourself")
         if not service.store.remove_user(name):
             raise HTTPException(404, f"no user {name!r}")
+        from .training import dataset_root
+
+        # A re-created name starts empty: the removed user's datasets go with them.
+        shutil.rmtree(dataset_root(service.dirs.root, name), ignore_errors=True)
         return {"removed": name}
 
     @app.get("/api/v1/admin/status")
@@ -386,10 +393,11 @@ def create_app(service: Service, auth: AuthConfig | None = None, cors_origins: l
         used, limit = token_count(prompt, steps)
         return {"tokens": used, "limit": limit}
 
-    from . import controlnet_api, sdapi
+    from . import controlnet_api, sdapi, training_api
 
     sdapi.install(app, service)
     controlnet_api.install(app, service)
+    training_api.install(app, service)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 
@@ -411,17 +419,23 @@ class BodyLimit:
     """Refuses request bodies over ``max_bytes`` while they stream in (chunked or not), before any
     route or authentication reads them: at most ``max_bytes`` are ever held."""
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
+    def __init__(self, app: Any, max_bytes: int, larger: dict[tuple[str, str], int] | None = None) -> None:
         self.app = app
-        self.max_bytes = max_bytes
+        self.default = max_bytes
+        self.larger = larger or {}  # (method, path prefix) -> limit
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = next((n for (method, prefix), n in self.larger.items()
+                      if scope.get("method") == method and scope.get("path", "").startswith(prefix)), self.default)
+        await self._limited(scope, receive, send, limit)
+
+    async def _limited(self, scope: dict[str, Any], receive: Any, send: Any, limit: int) -> None:
         declared = dict(scope.get("headers") or []).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(send)
+        if declared.isdigit() and int(declared) > limit:
+            await self._refuse(send, limit)
             return
         seen = 0
         started = False
@@ -431,8 +445,8 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _TooLarge(413, f"request body over {self.max_bytes} bytes; send smaller images")
+                if seen > limit:
+                    raise _TooLarge(413, f"request body over {limit} bytes; send smaller images")
             return message
 
         async def tracked(message: dict[str, Any]) -> None:
@@ -444,10 +458,10 @@ class BodyLimit:
             await self.app(scope, counted, tracked)
         except _TooLarge:
             if not started:
-                await self._refuse(send)
+                await self._refuse(send, limit)
 
-    async def _refuse(self, send: Any) -> None:
-        response = error_response("PayloadTooLarge", f"request body over {self.max_bytes} bytes; send smaller images", 413)
+    async def _refuse(self, send: Any, limit: int) -> None:
+        response = error_response("PayloadTooLarge", f"request body over {limit} bytes; send smaller images or files", 413)
         await response({"type": "http"}, _no_body, send)
 
 

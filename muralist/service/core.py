@@ -24,7 +24,7 @@ from .store import Job, JobStatus, LimitError, Store, User
 
 log = logging.getLogger("muralist.service")
 
-JOB_TYPES = ("txt2img", "img2img", "extras", "interrogate")
+JOB_TYPES = ("txt2img", "img2img", "extras", "interrogate", "train_lora")
 
 
 @dataclass
@@ -40,6 +40,9 @@ class Limits:
     # Pixels x steps summed over every image and pass of one job (hires, cells, tiles): its GPU time.
     # 1e10 is e.g. 8 SDXL images at 1024x1024, 40 steps, with a 2x hires fix, ten times over.
     max_work: int = 10**10
+    max_train_steps: int = 20000  # optimizer steps of one training job
+    max_trainings: int = 1  # training jobs queued or running at once
+    max_dataset_bytes: int = 2 * 2**30  # one dataset, unpacked
 
     def merged(self, overrides: dict[str, Any]) -> Limits:
         known = {k: int(v) for k, v in overrides.items() if k in self.__dataclass_fields__}
@@ -236,6 +239,11 @@ class Service:
         return req, info.sha256
 
     def submit(self, user: User, job_type: str, params: dict[str, Any], priority: int = 0, job_id: str | None = None) -> Job:
+        if job_type == "train_lora":
+            from . import training
+
+            stored, model_key = training.validate(self, user, params)
+            return self._enqueue(user, job_type, stored, priority, job_id, model_key)
         if job_type == "interrogate":
             from ..engine.images import decode_image
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import tempfile
 import threading
 import time
@@ -33,6 +34,7 @@ from ..errors import MuralistError
 from ..workers.local import WorkerLost
 from . import inputs
 from .store import Job, JobStatus, NewImage
+from .training import TRAIN_TYPES
 
 if TYPE_CHECKING:
     from .core import Service
@@ -219,6 +221,12 @@ class Dispatcher:
                 return
             payload = {"id": job.id, "attempt": job.attempts, "type": job.type, "params": params, "owner": job.owner,
                        "cancel_requested": job.cancel_requested, "stop_requested": job.stop_requested}
+            if job.type in TRAIN_TYPES:
+                try:
+                    payload.update(self._training_payload(job))
+                except MuralistError as e:
+                    self._failed(run, str(e), user=True)
+                    return
             for ev in slot.handle.run(payload):
                 run.last_event = time.monotonic()
                 if run.abandoned:
@@ -226,6 +234,8 @@ class Dispatcher:
                 kind = ev["type"]
                 if kind == "progress":
                     self.service.publish({**ev, "owner": job.owner, "job_id": job.id})
+                elif kind == "file":
+                    self._file(run, ev)
                 elif kind in ("done", "interrupted", "error"):
                     slot.loaded = set(ev.get("loaded_models", slot.loaded))
                     if kind == "done":
@@ -279,11 +289,54 @@ class Dispatcher:
             return
         if now.status.finished:
             inputs.delete_inputs(self.service.dirs.root, job.params)
-        elif now.status is JobStatus.SUCCEEDED:
+            shutil.rmtree(self._training_dir(job), ignore_errors=True)
+        if now.status is JobStatus.SUCCEEDED:
             self.service.publish({"type": "finished", "owner": job.owner, "job_id": job.id, "images": result["images"],
                                   "warnings": result.get("warnings", [])})
         elif now.status is JobStatus.CANCELED:
             self.service.publish({"type": "canceled", "owner": job.owner, "job_id": job.id})
+
+    # ------------------------------------------------------------- training jobs
+
+    def _training_dir(self, job: Job) -> Path:
+        return self.service.dirs.root / "training" / job.id
+
+    def _training_payload(self, job: Job) -> dict[str, Any]:
+        """The dataset's files (the worker may be on another machine) and the last resume state."""
+        from .training import dataset_dir, dataset_files
+
+        folder = dataset_dir(self.service.dirs.root, job.owner, job.params["train_data_dir"])
+        if not folder.is_dir():
+            raise MuralistError(f"the dataset {job.params['train_data_dir']!r} was deleted before the training ran")
+        out: dict[str, Any] = {"dataset": dataset_files(folder)}
+        state = self._training_dir(job) / "state.pt"
+        if state.is_file():
+            out["resume"] = state.read_bytes()
+            log.info("job %s resumes training from its saved state", job.id)
+        return out
+
+    def _file(self, run: Run, ev: dict[str, Any]) -> None:
+        """A file a training run produced: its resume state, or a LoRA (epoch, final) and sidecar,
+        written atomically into ``models/Lora/<user>/``."""
+        job = run.job
+        if ev["kind"] == "state":
+            target = self._training_dir(job) / "state.pt"
+        else:
+            name = Path(str(ev["name"])).name
+            target = self.service.dirs.lora_dir / job.owner / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".incoming-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(ev["data"])
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        if ev["kind"] != "state":
+            self.service.engine.loras.refresh()  # usable in prompts at once
+            self.service.publish({"type": "saved", "owner": job.owner, "job_id": job.id, "name": target.name,
+                                  "epoch": ev.get("epoch", 0)})
 
     def _interrupted(self, run: Run) -> None:
         job = run.job
@@ -293,6 +346,7 @@ class Dispatcher:
         if run.reason == "cancel" or (current is not None and current.cancel_requested):
             self.service.discard(self.store.mark_canceled(job.id, attempt=job.attempts))
             inputs.delete_inputs(self.service.dirs.root, job.params)
+            shutil.rmtree(self._training_dir(job), ignore_errors=True)  # the epoch files stay
             self.service.publish({"type": "canceled", "owner": job.owner, "job_id": job.id})
         else:
             self._requeue(run, "the server stopped while this job ran", failure=False)
@@ -301,6 +355,7 @@ class Dispatcher:
         job = run.job
         self.service.discard(self.store.fail(job.id, message, attempt=job.attempts))
         inputs.delete_inputs(self.service.dirs.root, job.params)
+        shutil.rmtree(self._training_dir(job), ignore_errors=True)
         self.service.publish({"type": "failed", "owner": job.owner, "job_id": job.id,
                               "error": message if user else "internal error"})
 

@@ -119,6 +119,19 @@ def info_json(job: Job, params: dict[str, Any]) -> str:
     return json.dumps(info)
 
 
+def _metadata(meta: Any) -> dict[str, Any]:
+    """A LoRA's metadata as A1111 returns it: values that are JSON objects parsed (ss_tag_frequency...)."""
+    out: dict[str, Any] = {}
+    for k, v in dict(meta).items():
+        if isinstance(v, str) and v.startswith("{"):
+            try:
+                v = json.loads(v)
+            except ValueError:
+                pass
+        out[k] = v
+    return out
+
+
 def decode_image(data: Any, field: str = "image") -> bytes:
     """Raw base64 or a data URL (A1111 clients send both)."""
     if not isinstance(data, str):
@@ -329,7 +342,7 @@ def install(app: FastAPI, service: Service) -> None:
 
     @r.get("/sdapi/v1/loras")
     def loras(user: User = Depends(current_user)) -> list[dict[str, Any]]:
-        return [{"name": lo.name, "alias": lo.alias, "path": shown(lo.path, user), "metadata": dict(lo.metadata)}
+        return [{"name": lo.name, "alias": lo.alias, "path": shown(lo.path, user), "metadata": _metadata(lo.metadata)}
                 for lo in service.engine.loras.all()]
 
     @r.get("/sdapi/v1/embeddings")

@@ -225,6 +225,8 @@ class Worker:
 
             caption = self.engine.interrogator.caption(decode_image(params["image"]))
             return {"type": "done", "images": [], "result": {"caption": caption, "infotexts": [], "seeds": [], "warnings": []}}
+        if kind == "train_lora":
+            return self._train(job, control, emit, tmp)
         if kind == "extras":
             paths, texts = self._extras(params, tmp)
             result = {"infotexts": texts, "seeds": [-1] * len(paths), "subseeds": [-1] * len(paths), "warnings": [], "model": None}
@@ -244,6 +246,57 @@ class Worker:
         images += _read_images(saved.detected, [""] * len(saved.detected), [-1] * len(saved.detected))
         result["detected_maps"] = len(saved.detected)
         return {"type": "done", "images": images, "result": result}
+
+    def _train(self, job: dict[str, Any], control: Any, emit: Any, tmp: Path) -> dict[str, Any]:
+        """A LoRA training run on a private copy of the checkpoint (the cached models that serve
+        generation are never changed). Files come back as "file" events; a "state" file after each
+        epoch lets a re-run continue (job["resume"])."""
+        from ..models.loader import load_checkpoint
+        from ..models.manager import file_bytes
+        from ..service.training import options_of
+        from ..training.lora import Saved, train_lora
+
+        params = job["params"]
+        opts = options_of(params)
+        data = tmp / "dataset"
+        for rel, blob in (job.get("dataset") or {}).items():
+            path = data / rel
+            if ".." in Path(rel).parts or Path(rel).is_absolute():
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(blob)
+        info = self.engine.registry.find_checkpoint(opts.pretrained_model_name_or_path)
+        samples: list[Saved] = []
+
+        def save(s: Saved) -> None:
+            if s.kind == "sample":
+                samples.append(s)
+            else:
+                emit({"type": "file", "kind": s.kind, "name": s.name, "data": s.data, "epoch": s.epoch})
+
+        def progress(p: Any) -> None:
+            emit({"type": "progress", "step": p.step, "steps": p.steps, "batch": p.epoch - 1, "n_iter": p.epochs,
+                  "progress": round(p.fraction, 4), "eta": None if p.eta_seconds is None else round(p.eta_seconds, 2),
+                  "loss": round(p.loss, 6), "lr": p.lr, "epoch": p.epoch})
+
+        def load() -> Any:
+            return load_checkpoint(info.path, info.kind, info.prediction_type, str(self.engine.cache.device))
+
+        # Budgeted like any model; never cached for other jobs (its weights are being changed).
+        manager = self.engine.cache.manager
+        try:
+            with manager.use("training", job["id"], load, file_bytes(info.path), f"training {opts.output_name}") as model:
+                result = train_lora(model, info, opts, data, progress=progress, save=save, resume=job.get("resume"),
+                                    stopped=lambda: control.interrupted.is_set() or control.stopped.is_set(),
+                                    sample=lambda m, epoch: _samples(m, info, opts, epoch))
+        finally:
+            manager.discard("training", lambda key: key == job["id"])
+        if result.canceled:
+            return {"type": "interrupted"}
+        images = [{"name": s.name, "data": s.data, "infotext": "", "seed": -1} for s in samples]
+        return {"type": "done", "images": images, "result": {
+            "lora": opts.output_name, "steps": result.steps, "epochs": result.epochs, "loss": result.losses,
+            "warnings": list(params.get("notes") or []) + result.warnings, "infotexts": [], "seeds": [], "subseeds": []}}
 
     def _extras(self, params: dict[str, Any], folder: Path) -> tuple[list[Path], list[str]]:
         from ..engine.images import decode_image
@@ -275,6 +328,29 @@ class Worker:
 def _read_images(paths: list[Path], infotexts: list[str], seeds: list[int]) -> list[dict[str, Any]]:
     return [{"name": Path(p).name, "data": Path(p).read_bytes(), "infotext": text, "seed": int(seed)}
             for p, text, seed in zip(paths, infotexts, seeds, strict=True)]
+
+
+def _samples(model: Any, info: Any, opts: Any, epoch: int) -> list[Any]:
+    """Sample images of a training run with its adapters as they are (kohya's sample prompts)."""
+    from ..engine.txt2img import Identity, generate_images
+    from ..infotext import png_bytes
+    from ..request import GenerationRequest
+    from ..training.lora import Saved
+
+    w, h = opts.size
+    out = []
+    model.unet.eval()
+    for te in model.text_encoders.values():
+        te.eval()
+    try:
+        for i, prompt in enumerate(opts.sample_prompts):
+            req = GenerationRequest(prompt=prompt, width=w, height=h, steps=20, seed=opts.seed, sampler_name="Euler a")
+            r = generate_images(model, req, Identity(info.model_name, info.shorthash))
+            text = r.infotexts[0] + f", Training epoch: {epoch}"
+            out.append(Saved("sample", f"{i:05d}-{opts.output_name}-e{epoch:06d}.png", png_bytes(r.images[0], text), epoch))
+    finally:
+        model.unet.train()
+    return out
 
 
 _GRID_NAMES = ("xyz_grid-", "prompt_matrix-")
