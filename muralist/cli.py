@@ -158,6 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     pi = sub.add_parser("png-info", help="print the A1111 infotext stored in an image")
     pi.add_argument("file", type=Path)
+
+    tr = sub.add_parser("train", help="train a LoRA on this machine (lora-scripts' options; the server queues trainings)")
+    trsub = tr.add_subparsers(dest="train_command", required=True)
+    tl = trsub.add_parser("lora", help="train a LoRA from a lora-scripts TOML; the file goes to models/Lora/")
+    tl.add_argument("--config", type=Path, required=True, help="lora-scripts TOML (config/autosave/*.toml works as is)")
+    tl.add_argument("--device", default=None)
+    tl.add_argument("--resume", type=Path, default=None, help="a state file a stopped run left (<output>.state.pt)")
+    _add_dirs(tl)
     return parser
 
 
@@ -530,6 +538,44 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_lora(args: argparse.Namespace) -> int:
+    """Train in this process: the TOML's train_data_dir is a folder path here (the server takes
+    dataset names); the LoRA, its epoch files and sidecar go to models/Lora/."""
+    from .models.loader import load_checkpoint
+    from .models.registry import ModelRegistry
+    from .training.lora import Saved, train_lora
+    from .training.options import parse_options, read_toml
+
+    dirs = _dirs(args)
+    opts, notes = parse_options(read_toml(args.config))
+    for n in notes:
+        print(f"note: {n}", file=sys.stderr)
+    data = Path(opts.train_data_dir).expanduser()
+    if not data.is_absolute():
+        data = (args.config.parent / data) if (args.config.parent / data).is_dir() else data.resolve()
+    info = ModelRegistry(dirs).find_checkpoint(opts.pretrained_model_name_or_path)
+    model = load_checkpoint(info.path, info.kind, info.prediction_type, args.device)
+    dirs.lora_dir.mkdir(parents=True, exist_ok=True)
+    state_path = dirs.lora_dir / f"{opts.output_name}.state.pt"
+
+    def save(s: Saved) -> None:
+        target = state_path if s.kind == "state" else dirs.lora_dir / s.name
+        target.write_bytes(s.data)
+        if s.kind != "state":
+            print(target)
+
+    def progress(p: Any) -> None:
+        print(f"\repoch {p.epoch}/{p.epochs} step {p.step}/{p.steps} loss {p.loss:.4f} lr {p.lr:.2e}", end="", file=sys.stderr)
+
+    resume = args.resume.read_bytes() if args.resume else None
+    result = train_lora(model, info, opts, data, progress=progress, save=save, resume=resume)
+    print(file=sys.stderr)
+    state_path.unlink(missing_ok=True)
+    for w in result.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .errors import MuralistError
@@ -543,6 +589,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "extras": cmd_extras,
         "users": cmd_users,
         "models": lambda a: {"list": cmd_models_list, "make-tiny": cmd_make_tiny}[a.models_command](a),
+        "train": cmd_train_lora,
     }
     try:
         return handlers[args.command](args)

@@ -359,3 +359,30 @@ def test_canceled_training_keeps_its_saved_epochs(server) -> None:
     assert job["status"] == "canceled" and first.exists()
     assert not (service.dirs.lora_dir / "alice" / "long.safetensors").exists()
     assert not (service.dirs.root / "training" / job_id).exists()
+
+
+def test_cli_trains_from_a_lora_scripts_toml(a1111_models: Path, tmp_path: Path, capsys) -> None:
+    from muralist.cli import main
+
+    torch.set_num_threads(1)
+    root = copy_models(a1111_models, tmp_path / "data", ("tiny-sd15.safetensors",))
+    make_dataset(tmp_path / "train" / "shapes", n=2)
+    toml = tmp_path / "train" / "autosave.toml"
+    toml.write_text('''model_train_type = "sd-lora"
+pretrained_model_name_or_path = "tiny-sd15"
+train_data_dir = "shapes"
+resolution = "64,64"
+network_dim = 4
+network_alpha = 2
+max_train_epochs = 1
+train_batch_size = 4
+optimizer_type = "AdamW"
+output_name = "from_toml"
+min_bucket_reso = 64
+bucket_reso_steps = 8
+xformers = true
+''')
+    assert main(["train", "lora", "--config", str(toml), "--data-dir", str(root)]) == 0
+    out = capsys.readouterr()
+    assert (root / "models" / "Lora" / "from_toml.safetensors").is_file() and "from_toml.safetensors" in out.out
+    assert "xformers is ignored" in out.err and "step 5/5" in out.err

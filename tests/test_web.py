@@ -305,3 +305,51 @@ def test_controlnet_unit_from_the_page(site, browser, tmp_path: Path) -> None:
     page.evaluate("text => applyInfotext(text)", caption)
     assert page.locator(".cn-unit").count() == 1
     assert page.eval_on_selector(".cn-unit .cn-model", "s => s.value").startswith("tiny-control-sd15 [")
+
+
+def test_train_tab_uploads_captions_trains_and_uses_the_lora(site, browser, tmp_path: Path) -> None:
+    import io
+    import zipfile
+
+    from PIL import Image, ImageDraw
+
+    url, service, keys = site
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for i in range(4):
+            img = Image.new("RGB", (64, 64), "white")
+            ImageDraw.Draw(img).ellipse((8 + i, 8, 56, 56), fill=(30, 30, 200))
+            b = io.BytesIO()
+            img.save(b, format="PNG")
+            z.writestr(f"10_blue ball/{i}.png", b.getvalue())
+            z.writestr(f"10_blue ball/{i}.txt", "blue ball")
+    (tmp_path / "balls.zip").write_bytes(buf.getvalue())
+    page = signed_in(browser, url, keys["bob"])
+    page.click("[data-tab=train]")
+    page.fill("#ds-name", "balls")
+    page.set_input_files("#ds-file", str(tmp_path / "balls.zip"))
+    page.click("#ds-upload button[type=submit]")
+    page.wait_for_selector(".ds-item textarea")
+    assert page.locator(".ds-item").count() == 4
+    page.locator(".ds-item textarea").first.fill("blue ball, shiny")
+    page.locator(".ds-item textarea").first.dispatch_event("change")
+    caption = service.dirs.root / "datasets" / "bob" / "balls" / "10_blue ball" / "0.txt"
+    page.wait_for_function("() => true")
+    for _ in range(50):
+        if caption.read_text().strip() == "blue ball, shiny":
+            break
+        page.wait_for_timeout(100)
+    assert caption.read_text().strip() == "blue ball, shiny"
+    page.select_option("#tr-pretrained_model_name_or_path", index=0)
+    for field, value in (("#tr-output_name", "bobs_balls"), ("#tr-resolution", "64,64"), ("#tr-max_train_epochs", "1"),
+                         ("#tr-network_dim", "4"), ("#tr-network_alpha", "4"), ("#tr-train_batch_size", "4")):
+        page.fill(field, value)
+    page.click("#train-form button[type=submit]")
+    page.wait_for_selector("#train-use", timeout=120000)
+    assert "bobs_balls" in page.inner_text("#train-result")
+    assert page.evaluate("() => { const c = document.getElementById('loss-chart'); "
+                         "return c.getContext('2d').getImageData(0, 0, c.width, c.height).data.some((v) => v > 0); }")
+    shot(page, "train")
+    page.click("#train-use")
+    assert "<lora:bobs_balls:0.8>" in page.input_value("#prompt")
+    assert (service.dirs.lora_dir / "bob" / "bobs_balls.safetensors").is_file()

@@ -265,9 +265,11 @@ async function generate(ev) {
 
 // ---------------------------------------------------------------- jobs and live progress
 
-async function follow(view) {
+async function follow(view) { await streamEvents(view.id, (ev) => onEvent(view, ev)); }
+
+async function streamEvents(id, handle) {
   // fetch + a stream reader, because EventSource cannot send the Authorization header.
-  const r = await fetch(`/api/v1/jobs/${view.id}/events`, { headers: headers() });
+  const r = await fetch(`/api/v1/jobs/${id}/events`, { headers: headers() });
   const reader = r.body.getReader();
   const decoder = new TextDecoder();
   let buffer = "";
@@ -280,7 +282,7 @@ async function follow(view) {
       const chunk = buffer.slice(0, cut);
       buffer = buffer.slice(cut + 2);
       const data = chunk.split("\n").find((l) => l.startsWith("data: "));
-      if (data) await onEvent(view, JSON.parse(data.slice(6)));
+      if (data) await handle(JSON.parse(data.slice(6)));
     }
   }
 }
@@ -591,6 +593,115 @@ async function addUser(ev) {
   } catch (e) { showError(e.message); }
 }
 
+// ---------------------------------------------------------------- training (datasets, LoRA jobs)
+
+async function showTrain() {
+  const [models, ds] = await Promise.all([api("/api/v1/models"), api("/api/v1/datasets")]);
+  const sel = $("tr-pretrained_model_name_or_path");
+  const keep = sel.value;
+  sel.innerHTML = "";
+  for (const c of models.checkpoints) sel.add(new Option(c.title, c.title, false, c.title === keep));
+  const list = $("ds-list");
+  const current = list.value;
+  list.innerHTML = "";
+  for (const d of ds.datasets) list.add(new Option(d.name, d.name, false, d.name === current));
+  if (list.value) showDataset(list.value);
+}
+
+async function showDataset(name) {
+  const ds = await api(`/api/v1/datasets/${encodeURIComponent(name)}`);
+  const box = $("ds-images");
+  box.innerHTML = "";
+  for (const im of ds.images) {
+    const card = document.createElement("figure");
+    card.className = "card ds-item";
+    const img = new Image();
+    img.alt = im.path;
+    fetch(`/api/v1/datasets/${encodeURIComponent(name)}/images/${im.path.split("/").map(encodeURIComponent).join("/")}`,
+          { headers: headers() }).then((r) => r.blob()).then((b) => { img.src = URL.createObjectURL(b); });
+    const cap = document.createElement("textarea");
+    cap.value = im.caption;
+    cap.rows = 2;
+    cap.onchange = () => api(`/api/v1/datasets/${encodeURIComponent(name)}/captions`, { method: "PUT",
+      headers: { "Content-Type": "application/json" }, body: JSON.stringify({ image: im.path, caption: cap.value }) }).catch((e) => showError(e.message));
+    card.append(img, cap);
+    box.append(card);
+  }
+}
+
+async function uploadDataset(ev) {
+  ev.preventDefault();
+  try {
+    const name = $("ds-name").value.trim();
+    await api(`/api/v1/datasets/${encodeURIComponent(name)}`, { method: "PUT", headers: { "Content-Type": "application/zip" },
+                                                              body: $("ds-file").files[0] });
+    await showTrain();
+    $("ds-list").value = name;
+    showDataset(name);
+  } catch (e) { showError(e.message); }
+}
+
+function trainParams() {
+  const p = { train_data_dir: $("ds-list").value };
+  for (const el of document.querySelectorAll("#train-form [id^=tr-]")) {
+    const key = el.id.slice(3);
+    if (el.type === "checkbox") p[key] = el.checked;
+    else if (el.value.trim() === "") continue;
+    else if (["sample_prompts", "resolution", "output_name", "pretrained_model_name_or_path"].includes(key) || el.tagName === "SELECT") p[key] = el.value;
+    else p[key] = Number(el.value);
+  }
+  return p;
+}
+
+function drawLoss(losses) {
+  const c = $("loss-chart");
+  const ctx = c.getContext("2d");
+  ctx.clearRect(0, 0, c.width, c.height);
+  if (losses.length < 2) return;
+  const lo = Math.min(...losses), hi = Math.max(...losses);
+  ctx.strokeStyle = "#e8743b";
+  ctx.beginPath();
+  losses.forEach((v, i) => {
+    const x = (i / (losses.length - 1)) * (c.width - 4) + 2, y = c.height - 4 - ((v - lo) / (hi - lo || 1)) * (c.height - 8);
+    if (i) ctx.lineTo(x, y); else ctx.moveTo(x, y);
+  });
+  ctx.stroke();
+}
+
+async function startTraining(ev) {
+  ev.preventDefault();
+  showError("");
+  $("train-result").innerHTML = "";
+  try {
+    const params = trainParams();
+    const job = await api("/api/v1/jobs", { method: "POST", headers: { "Content-Type": "application/json" },
+                                            body: JSON.stringify({ type: "train_lora", params }) });
+    const losses = [];
+    $("train-status").textContent = statusText({ status: job.status, position: job.position });
+    await streamEvents(job.id, async (e) => {
+      if (e.type === "progress" && e.loss !== undefined) {
+        losses.push(e.loss);
+        drawLoss(losses);
+        $("train-status").textContent = t("train.progress", { epoch: e.epoch, epochs: e.n_iter, step: e.step, steps: e.steps,
+                                                               loss: e.loss.toFixed(4), eta: e.eta == null ? "?" : e.eta.toFixed(0) });
+      } else if (e.type === "saved") {
+        $("train-status").textContent = t("train.saved", { name: e.name });
+      } else if (["finished", "failed", "canceled"].includes(e.type)) {
+        const done = await api(`/api/v1/jobs/${job.id}`);
+        if (done.status !== "succeeded") { $("train-status").textContent = statusText(done); return; }
+        const name = done.result.lora;
+        $("train-status").textContent = t("train.done", { name });
+        const use = document.createElement("button");
+        use.type = "button";
+        use.id = "train-use";
+        use.textContent = t("train.use");
+        use.onclick = () => { const pr = $("prompt"); pr.value = `${pr.value} <lora:${name}:0.8>`.trim(); countTokens(); selectTab("txt2img"); };
+        $("train-result").append(`${name} `, use);
+      }
+    });
+  } catch (e) { showError(e.message); }
+}
+
 function selectTab(name) {
   document.querySelectorAll("[role=tab]").forEach((b) => b.setAttribute("aria-selected", String(b.dataset.tab === name)));
   document.querySelectorAll(".tab").forEach((s) => { s.hidden = s.id !== `tab-${name}`; });
@@ -598,6 +709,7 @@ function selectTab(name) {
   if (name === "history") showHistory().catch((e) => showError(e.message));
   if (name === "models") showModels().catch((e) => showError(e.message));
   if (name === "settings") showSettings().catch((e) => showError(e.message));
+  if (name === "train") showTrain().catch((e) => showError(e.message));
   if (name === "admin") showAdmin().catch((e) => showError(e.message));
 }
 
@@ -649,6 +761,9 @@ async function start() {
   mask.addEventListener("pointerup", () => { paint.drawing = false; });
   $("seed-reuse").onclick = () => { if (state.lastSeed != null) $("seed").value = state.lastSeed; };
   $("cn-add").onclick = () => addUnit();
+  $("ds-upload").onsubmit = uploadDataset;
+  $("ds-list").onchange = () => showDataset($("ds-list").value).catch((e) => showError(e.message));
+  $("train-form").onsubmit = startTraining;
   const me = await refreshAccount();
   if (me) await fillChoices(me).catch((e) => showError(e.message));
   countTokens();
