@@ -386,3 +386,40 @@ xformers = true
     out = capsys.readouterr()
     assert (root / "models" / "Lora" / "from_toml.safetensors").is_file() and "from_toml.safetensors" in out.out
     assert "xformers is ignored" in out.err and "step 5/5" in out.err
+
+
+def test_a_killed_server_resumes_the_training_after_restart(a1111_models: Path, tmp_path: Path) -> None:
+    """SIGKILL mid-training; the restarted server re-runs the job from its last saved epoch."""
+    import httpx
+
+    from tests.server_util import free_port, serve_subprocess, wait_http, wait_job
+
+    root = copy_models(a1111_models, tmp_path / "data", ("tiny-sd15.safetensors",))
+    port = free_port()
+    proc = serve_subprocess(root, port, None, "--lease-timeout", "2")
+    c = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+    try:
+        wait_http(f"http://127.0.0.1:{port}")
+        files = {f"10_sks shape/{i}.png": png(i) for i in range(4)}
+        assert c.put("/api/v1/datasets/shapes", content=zipped(files)).status_code == 201
+        params = {"pretrained_model_name_or_path": "tiny-sd15", "train_data_dir": "shapes", **FAST, "max_train_epochs": 8}
+        job_id = c.post("/api/v1/jobs", json={"type": "train_lora", "params": params}).json()["id"]
+        state = root / "training" / job_id / "state.pt"
+        end = time.time() + 120
+        while time.time() < end and not (state.exists() and (root / "models" / "Lora" / "local" / "shapes-000003.safetensors").exists()):
+            time.sleep(0.05)
+        assert state.exists()
+    finally:
+        proc.kill()
+        proc.wait(30)
+    proc = serve_subprocess(root, port, None, "--lease-timeout", "2")
+    try:
+        wait_http(f"http://127.0.0.1:{port}")
+        job = wait_job(c, job_id, timeout=300)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert job["status"] == "succeeded", job
+    assert job["attempts"] == 2 and job["result"]["steps"] == 80 and len(job["result"]["loss"]) == 80
+    assert job["result"]["resumed_from_step"] >= 20  # epoch 3 was saved, so epoch 2's state was: not from zero
+    assert (root / "models" / "Lora" / "local" / "shapes.safetensors").is_file() and not state.exists()

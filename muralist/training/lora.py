@@ -85,6 +85,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     canceled: bool = False
     warnings: list[str] = field(default_factory=list)
+    resumed_from: int = 0  # the step a re-run continued from (0: it started fresh)
 
 
 def optimizer_available(name: str) -> str | None:
@@ -386,6 +387,7 @@ def train_lora(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, step, started = int(state["epoch"]), int(state["step"]), float(state["started"])
+        result.resumed_from = step
         result.losses = [float(x) for x in state["losses"]]
         session = str(state.get("session", session))
 

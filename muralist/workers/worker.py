@@ -296,6 +296,7 @@ class Worker:
         images = [{"name": s.name, "data": s.data, "infotext": "", "seed": -1} for s in samples]
         return {"type": "done", "images": images, "result": {
             "lora": opts.output_name, "steps": result.steps, "epochs": result.epochs, "loss": result.losses,
+            "resumed_from_step": result.resumed_from,
             "warnings": list(params.get("notes") or []) + result.warnings, "infotexts": [], "seeds": [], "subseeds": []}}
 
     def _extras(self, params: dict[str, Any], folder: Path) -> tuple[list[Path], list[str]]:
