@@ -423,3 +423,33 @@ def test_a_killed_server_resumes_the_training_after_restart(a1111_models: Path, 
     assert job["attempts"] == 2 and job["result"]["steps"] == 80 and len(job["result"]["loss"]) == 80
     assert job["result"]["resumed_from_step"] >= 20  # epoch 3 was saved, so epoch 2's state was: not from zero
     assert (root / "models" / "Lora" / "local" / "shapes.safetensors").is_file() and not state.exists()
+
+
+def test_embedding_training_writes_an_a1111_embedding_used_in_prompts(server) -> None:
+    """A1111's textual inversion as a job: the .pt lands in embeddings/<user>/, loads, and changes images."""
+    url, service, c = server
+    files = {f"5_red ball/{i}.png": png(i) for i in range(4)} | {f"5_red ball/{i}.txt": b"round, red" for i in range(4)}
+    assert c["alice"].put("/api/v1/datasets/balls", content=zipped(files)).status_code == 201
+    params = {"embedding_name": "redball", "pretrained_model_name_or_path": "tiny-sd15", "data_root": "balls",
+              "num_vectors_per_token": 2, "init_text": "red ball", "steps": 20, "batch_size": 2, "training_width": 64,
+              "training_height": 64, "save_embedding_every": 10, "learn_rate": "0.05:10, 0.01",
+              "template_filename": "subject_filewords.txt"}
+    r = c["alice"].post("/api/v1/jobs", json={"type": "train_embedding", "params": params})
+    assert r.status_code == 202, r.text
+    job = _wait(c["alice"], r.json()["id"])
+    assert job["status"] == "succeeded", job
+    assert job["result"]["embedding"] == "redball" and job["result"]["steps"] == 20
+    path = service.dirs.embeddings_dir / "alice" / "redball.pt"
+    data = torch.load(path, weights_only=True)
+    assert data["step"] == 20 and data["string_to_param"]["*"].shape == (2, 32) and data["sd_checkpoint_name"] == "tiny-sd15"
+    assert (service.dirs.outputs_dir / "alice" / "textual_inversion" / "redball" / "redball-10.pt").is_file()
+    emb = c["alice"].get("/sdapi/v1/embeddings").json()["loaded"]
+    assert emb["redball"]["vectors"] == 2 and emb["redball"]["step"] == 20
+    body = {"prompt": "a photo of a ball", "steps": 4, "width": 64, "height": 64, "seed": 3}
+    plain = c["alice"].post("/sdapi/v1/txt2img", json=body).json()["images"][0]
+    used = c["alice"].post("/sdapi/v1/txt2img", json={**body, "prompt": "a photo of a redball"}).json()
+    assert used["images"][0] != plain and "redball" in json.loads(used["info"])["infotexts"][0]
+    bad = c["alice"].post("/api/v1/jobs", json={"type": "train_embedding", "params": {**params, "learn_rate": "fast"}})
+    assert bad.status_code == 422 and "learn_rate" in bad.json()["detail"]
+    xl = c["alice"].post("/api/v1/jobs", json={"type": "train_embedding", "params": {**params, "template_filename": "x.txt"}})
+    assert xl.status_code == 422 and "subject.txt" in xl.json()["detail"]

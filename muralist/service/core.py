@@ -24,7 +24,7 @@ from .store import Job, JobStatus, LimitError, Store, User
 
 log = logging.getLogger("muralist.service")
 
-JOB_TYPES = ("txt2img", "img2img", "extras", "interrogate", "train_lora")
+JOB_TYPES = ("txt2img", "img2img", "extras", "interrogate", "train_lora", "train_embedding")
 
 
 @dataclass
@@ -239,10 +239,11 @@ class Service:
         return req, info.sha256
 
     def submit(self, user: User, job_type: str, params: dict[str, Any], priority: int = 0, job_id: str | None = None) -> Job:
-        if job_type == "train_lora":
+        if job_type in ("train_lora", "train_embedding"):
             from . import training
 
-            stored, model_key = training.validate(self, user, params)
+            check = training.validate if job_type == "train_lora" else training.validate_embedding
+            stored, model_key = check(self, user, params)
             return self._enqueue(user, job_type, stored, priority, job_id, model_key)
         if job_type == "interrogate":
             from ..engine.images import decode_image

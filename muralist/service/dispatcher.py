@@ -319,10 +319,14 @@ class Dispatcher:
         """A file a training run produced: its resume state, or a LoRA (epoch, final) and sidecar,
         written atomically into ``models/Lora/<user>/``."""
         job = run.job
+        name = Path(str(ev["name"])).name
         if ev["kind"] == "state":
             target = self._training_dir(job) / "state.pt"
+        elif job.type == "train_embedding":
+            # The final embedding is usable at once; intermediate ones go where A1111 logs them.
+            target = (self.service.dirs.embeddings_dir / job.owner / name if ev["kind"] == "final" else
+                      self.service.dirs.outputs_dir / job.owner / "textual_inversion" / job.params["embedding_name"] / name)
         else:
-            name = Path(str(ev["name"])).name
             target = self.service.dirs.lora_dir / job.owner / name
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".incoming-", suffix=".tmp")
@@ -335,6 +339,7 @@ class Dispatcher:
             raise
         if ev["kind"] != "state":
             self.service.engine.loras.refresh()  # usable in prompts at once
+            self.service.engine.embeddings.refresh()
             self.service.publish({"type": "saved", "owner": job.owner, "job_id": job.id, "name": target.name,
                                   "epoch": ev.get("epoch", 0)})
 

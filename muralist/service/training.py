@@ -18,7 +18,7 @@ from ..training.dataset import CAPTION_EXTS, IMAGE_EXTS, describe, extract_zip, 
 from ..training.options import TrainOptions, parse_options
 from .store import JobStatus, LimitError, User
 
-TRAIN_TYPES = ("train_lora",)
+TRAIN_TYPES = ("train_lora", "train_embedding")
 NAME = re.compile(r"[\w][\w .\-]{0,63}")
 
 
@@ -81,6 +81,42 @@ def dataset_files(folder: Path) -> dict[str, bytes]:
     return out
 
 
+def _common_checks(service: Any, user: User, limits: Any, dataset: str, w: int, h: int) -> Path:
+    folder = dataset_dir(service.dirs.root, user.name, dataset)
+    if not folder.is_dir():
+        raise InvalidRequestError(f"you have no dataset {dataset!r}; upload one with PUT /api/v1/datasets/{dataset} (a zip)")
+    if w * h > limits.max_pixels:
+        raise InvalidRequestError(f"resolution: {w}x{h} is over your limit of max_pixels={limits.max_pixels}")
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    if size > limits.max_dataset_bytes:
+        raise InvalidRequestError(f"the dataset is {size} bytes, over your limit of max_dataset_bytes={limits.max_dataset_bytes}")
+    active = service.store.list_jobs(user.name, [JobStatus.QUEUED, JobStatus.RUNNING])
+    if sum(j.type in TRAIN_TYPES for j in active) >= limits.max_trainings:
+        raise LimitError(f"you already have {limits.max_trainings} training job(s) queued or running (max_trainings)")
+    return folder
+
+
+def validate_embedding(service: Any, user: User, params: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """Textual-inversion training (A1111's train_embedding options) before queueing."""
+    from ..training.embedding import parse_embedding_options
+
+    opts = parse_embedding_options(params)
+    limits = service.settings.limits.merged(user.limits)
+    info = service.engine.registry.find_checkpoint(opts.pretrained_model_name_or_path)
+    if info.kind.family.value == "sdxl":
+        raise InvalidRequestError("embedding training is for SD1.x and SD2.x checkpoints; SDXL is not supported yet")
+    folder = _common_checks(service, user, limits, opts.data_root, opts.training_width, opts.training_height)
+    ds = load_dataset(folder, ".txt")
+    if opts.steps > limits.max_train_steps:
+        raise InvalidRequestError(f"steps: {opts.steps} is over your limit of max_train_steps={limits.max_train_steps}")
+    stored = opts.model_dump()
+    stored["pretrained_model_name_or_path"] = info.title
+    stored["train_data_dir"] = opts.data_root
+    stored["notes"] = ds.warnings
+    stored["steps"], stored["n_iter"] = opts.steps, 1
+    return stored, info.sha256
+
+
 def validate(service: Any, user: User, params: dict[str, Any]) -> tuple[dict[str, Any], str]:
     """The stored params (checked options + notes) and the checkpoint hash the job needs."""
     from ..training.dataset import assign_buckets
@@ -89,29 +125,20 @@ def validate(service: Any, user: User, params: dict[str, Any]) -> tuple[dict[str
     opts, notes = parse_options(params)
     limits = service.settings.limits.merged(user.limits)
     info = service.engine.registry.find_checkpoint(opts.pretrained_model_name_or_path)
-    folder = dataset_dir(service.dirs.root, user.name, opts.train_data_dir)
-    if not folder.is_dir():
-        raise InvalidRequestError(f"train_data_dir: you have no dataset {opts.train_data_dir!r}; "
-                                  f"upload one with PUT /api/v1/datasets/{opts.train_data_dir} (a zip)")
     problem = optimizer_available(opts.optimizer_type)
     if problem:
         raise InvalidRequestError(problem)
-    w, h = opts.size
-    if w * h > limits.max_pixels:
-        raise InvalidRequestError(f"resolution: {w}x{h} is over your limit of max_pixels={limits.max_pixels}")
+    try:
+        folder = _common_checks(service, user, limits, opts.train_data_dir, *opts.size)
+    except InvalidRequestError as e:
+        raise InvalidRequestError(f"train_data_dir: {e}" if "dataset" in str(e) else str(e)) from None
     ds = load_dataset(folder, opts.caption_extension)
-    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-    if size > limits.max_dataset_bytes:
-        raise InvalidRequestError(f"the dataset is {size} bytes, over your limit of max_dataset_bytes={limits.max_dataset_bytes}")
     assign_buckets(ds, opts.size, opts.enable_bucket, opts.min_bucket_reso, opts.max_bucket_reso, opts.bucket_reso_steps,
                    opts.bucket_no_upscale)
     p = plan(ds, opts)
     if p.steps > limits.max_train_steps:
         raise InvalidRequestError(f"this training takes {p.steps} steps ({p.epochs} epochs of {p.steps_per_epoch}), "
                                   f"over your limit of max_train_steps={limits.max_train_steps}")
-    active = service.store.list_jobs(user.name, [JobStatus.QUEUED, JobStatus.RUNNING])
-    if sum(j.type in TRAIN_TYPES for j in active) >= limits.max_trainings:
-        raise LimitError(f"you already have {limits.max_trainings} training job(s) queued or running (max_trainings)")
     stored = opts.model_dump()
     stored["pretrained_model_name_or_path"] = info.title  # pinned, as generation pins its checkpoint
     stored["notes"] = notes + ds.warnings

@@ -225,7 +225,7 @@ class Worker:
 
             caption = self.engine.interrogator.caption(decode_image(params["image"]))
             return {"type": "done", "images": [], "result": {"caption": caption, "infotexts": [], "seeds": [], "warnings": []}}
-        if kind == "train_lora":
+        if kind in ("train_lora", "train_embedding"):
             return self._train(job, control, emit, tmp)
         if kind == "extras":
             paths, texts = self._extras(params, tmp)
@@ -257,7 +257,15 @@ class Worker:
         from ..training.lora import Saved, train_lora
 
         params = job["params"]
-        opts = options_of(params)
+        embedding = job["type"] == "train_embedding"
+        if embedding:
+            from ..training.embedding import EmbeddingOptions, train_embedding
+
+            opts: Any = EmbeddingOptions.model_validate({k: v for k, v in params.items() if k in EmbeddingOptions.model_fields})
+            label = opts.embedding_name
+        else:
+            opts = options_of(params)
+            label = opts.output_name
         data = tmp / "dataset"
         for rel, blob in (job.get("dataset") or {}).items():
             path = data / rel
@@ -285,17 +293,21 @@ class Worker:
         # Budgeted like any model; never cached for other jobs (its weights are being changed).
         manager = self.engine.cache.manager
         try:
-            with manager.use("training", job["id"], load, file_bytes(info.path), f"training {opts.output_name}") as model:
-                result = train_lora(model, info, opts, data, progress=progress, save=save, resume=job.get("resume"),
-                                    stopped=lambda: control.interrupted.is_set() or control.stopped.is_set(),
-                                    sample=lambda m, epoch: _samples(m, info, opts, epoch))
+            with manager.use("training", job["id"], load, file_bytes(info.path), f"training {label}") as model:
+                stop = lambda: control.interrupted.is_set() or control.stopped.is_set()  # noqa: E731
+                if embedding:
+                    result = train_embedding(model, info, opts, data, progress=progress, save=save, resume=job.get("resume"),
+                                             stopped=stop)
+                else:
+                    result = train_lora(model, info, opts, data, progress=progress, save=save, resume=job.get("resume"),
+                                        stopped=stop, sample=lambda m, epoch: _samples(m, info, opts, epoch))
         finally:
             manager.discard("training", lambda key: key == job["id"])
         if result.canceled:
             return {"type": "interrupted"}
         images = [{"name": s.name, "data": s.data, "infotext": "", "seed": -1} for s in samples]
         return {"type": "done", "images": images, "result": {
-            "lora": opts.output_name, "steps": result.steps, "epochs": result.epochs, "loss": result.losses,
+            ("embedding" if embedding else "lora"): label, "steps": result.steps, "epochs": result.epochs, "loss": result.losses,
             "resumed_from_step": result.resumed_from,
             "warnings": list(params.get("notes") or []) + result.warnings, "infotexts": [], "seeds": [], "subseeds": []}}
 
