@@ -45,6 +45,7 @@ _BASE_VERSION = {Family.SD1: "sd_v1", Family.SD2: "sd_v2", Family.SDXL: "sdxl_ba
 _ARCH = {Family.SD1: "stable-diffusion-v1/lora", Family.SD2: "stable-diffusion-v2-512/lora",
          Family.SDXL: "stable-diffusion-xl-v1-base/lora"}
 _PRECISION = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+STATE_EVERY = 60.0  # seconds between resume states when no epoch file is saved
 
 
 @dataclass
@@ -123,11 +124,25 @@ def _optimizer(name: str, groups: list[dict[str, Any]]) -> torch.optim.Optimizer
 # -- text conditioning (kohya: 75-token chunks, clip skip) ---------------------------------------
 
 
+_TOKEN_CACHE: dict[tuple[int, str], list[int]] = {}
+
+
+def _token_ids(tokenizer: Any, caption: str) -> list[int]:
+    """A caption's token ids, remembered: the same captions come back every epoch."""
+    key = (id(tokenizer), caption)
+    ids = _TOKEN_CACHE.get(key)
+    if ids is None:
+        if len(_TOKEN_CACHE) > 100_000:
+            _TOKEN_CACHE.clear()
+        ids = _TOKEN_CACHE[key] = tokenizer(caption, add_special_tokens=False)["input_ids"]
+    return ids
+
+
 def _chunks(tokenizer: Any, captions: list[str], max_tokens: int) -> torch.Tensor:
     """Token ids (B, n_chunks, 77): each 75-token chunk wrapped in BOS/EOS and padded, as kohya splits
     a caption of up to ``max_tokens`` tokens."""
     n_max = max(1, max_tokens // 75)
-    ids = [tokenizer(c, add_special_tokens=False)["input_ids"][: n_max * 75] for c in captions]
+    ids = [_token_ids(tokenizer, c)[: n_max * 75] for c in captions]
     n = max(1, max(math.ceil(len(i) / 75) for i in ids))
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
@@ -143,11 +158,14 @@ def _chunks(tokenizer: Any, captions: list[str], max_tokens: int) -> torch.Tenso
 def _encode(te: Any, ids: torch.Tensor, layer: int, final_norm: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Hidden states (B, n*77, D) from ``hidden_states[-layer]`` (and the pooled output of the first chunk)."""
     b, n, length = ids.shape
-    out = te(ids.reshape(b * n, length).to(te.device), output_hidden_states=True)
-    hidden = out.hidden_states[-layer]
-    if final_norm:
-        body = getattr(te, "text_model", te)
-        hidden = body.final_layer_norm(hidden)
+    if layer == 1 and final_norm:  # the model's own output: no need to keep every layer's states
+        out = te(ids.reshape(b * n, length).to(te.device))
+        hidden = out.last_hidden_state
+    else:
+        out = te(ids.reshape(b * n, length).to(te.device), output_hidden_states=True)
+        hidden = out.hidden_states[-layer]
+        if final_norm:
+            hidden = getattr(te, "text_model", te).final_layer_norm(hidden)
     pooled = getattr(out, "text_embeds", None)
     if pooled is not None:
         pooled = pooled.reshape(b, n, -1)[:, 0]
@@ -405,7 +423,7 @@ def train_lora(
 
     trainable = params["unet"] + params["te"]
     v_pred = model.prediction_type == "v_prediction"
-    tick = time.monotonic()
+    tick = last_state = time.monotonic()
     cap_rng = random.Random(opts.seed)
     model.unet.train()
     for te in model.text_encoders.values():
@@ -458,7 +476,8 @@ def train_lora(
         done_epoch = epoch + 1
         final = done_epoch >= p.epochs or step >= p.steps
         save_precision = _PRECISION[opts.save_precision]
-        if not final and opts.save_every_n_epochs and done_epoch % opts.save_every_n_epochs == 0:
+        saved_epoch = bool(not final and opts.save_every_n_epochs and done_epoch % opts.save_every_n_epochs == 0)
+        if saved_epoch:
             meta = metadata(opts, model, ds, p, info, done_epoch, step, started, session)
             save(Saved("epoch", f"{opts.output_name}-{done_epoch:06d}.safetensors",
                        safetensors_with_hashes(kohya_tensors(model, save_precision), meta), done_epoch))
@@ -466,7 +485,10 @@ def train_lora(
                 and (done_epoch % opts.sample_every_n_epochs == 0 or final):
             for s in sample(model, done_epoch):
                 save(s)
-        if not final:
+        # The resume state goes with every saved epoch, and otherwise at most once a minute: short
+        # epochs would spend their time serialising it.
+        if not final and (saved_epoch or time.monotonic() - last_state >= STATE_EVERY):
+            last_state = time.monotonic()
             state = {"lora": {n: prm.detach().cpu() for n, prm in _lora_params(model).items()},
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": done_epoch,
                      "step": step, "started": started, "losses": torch.tensor(result.losses), "session": session}
