@@ -7,7 +7,7 @@ it was made. Unknown fields are ignored, as A1111's API does (clients send legac
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -143,12 +143,20 @@ class GenerationRequest(BaseModel):
         return int(w * self.hr_scale) // 8 * 8, int(h * self.hr_scale) // 8 * 8
 
 
+M = TypeVar("M", bound=BaseModel)
+
+
+def checked(model: type[M], data: Any, prefix: str = "") -> M:
+    """``model`` validated from ``data``; errors name the field and the rule (``InvalidRequestError``)."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise InvalidRequestError(prefix + describe_validation_error(e)) from None
+
+
 def parse_request(data: dict[str, Any]) -> GenerationRequest:
     """Validate a request; errors name the field and the rule (``InvalidRequestError``)."""
-    try:
-        return GenerationRequest.model_validate(data)
-    except ValidationError as e:
-        raise InvalidRequestError(describe_validation_error(e)) from None
+    return checked(GenerationRequest, data)
 
 
 def describe_validation_error(e: ValidationError) -> str:

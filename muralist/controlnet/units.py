@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..errors import InvalidRequestError
 
@@ -128,7 +128,7 @@ def units_from_alwayson(scripts: Any) -> list[dict[str, Any]] | None:
 
 def parse_units(raw: Any) -> list[ControlNetUnit]:
     """Validated units; errors name the unit and field."""
-    from ..request import describe_validation_error
+    from ..request import checked
 
     if raw is None:
         return []
@@ -139,8 +139,5 @@ def parse_units(raw: Any) -> list[ControlNetUnit]:
         if isinstance(item, ControlNetUnit):
             out.append(item)
             continue
-        try:
-            out.append(ControlNetUnit.model_validate(item))
-        except ValidationError as e:
-            raise InvalidRequestError(f"controlnet unit {i}: " + describe_validation_error(e)) from None
+        out.append(checked(ControlNetUnit, item, f"controlnet unit {i}: "))
     return out

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..errors import InvalidRequestError
 from ..models.family import Family
@@ -116,12 +116,9 @@ def rate_at(plan: list[tuple[float, int]], step: int) -> float:
 
 
 def parse_embedding_options(data: dict[str, Any]) -> EmbeddingOptions:
-    try:
-        return EmbeddingOptions.model_validate(data)
-    except ValidationError as e:
-        from ..request import describe_validation_error
+    from ..request import checked
 
-        raise InvalidRequestError(describe_validation_error(e)) from None
+    return checked(EmbeddingOptions, data)
 
 
 def _body(te: Any) -> Any:

@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..errors import InvalidRequestError
 
@@ -215,12 +215,9 @@ def parse_options(data: dict[str, Any]) -> tuple[TrainOptions, list[str]]:
     if unknown:
         raise InvalidRequestError(f"unknown training option(s): {', '.join(sorted(unknown))}; "
                                   f"muralist takes lora-scripts' names ({', '.join(sorted(known)[:8])}, ...)")
-    try:
-        return TrainOptions.model_validate(clean), notes
-    except ValidationError as e:
-        from ..request import describe_validation_error
+    from ..request import checked
 
-        raise InvalidRequestError(describe_validation_error(e)) from None
+    return checked(TrainOptions, clean), notes
 
 
 def read_toml(path: Path) -> dict[str, Any]:
