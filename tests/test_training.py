@@ -321,11 +321,15 @@ def test_train_as_a_job_and_use_the_lora_at_once(server) -> None:
                       ({"train_data_dir": "../bob"}, "not paths"), ({"max_train_epochs": 5000}, "max_train_steps")):
         r = c["alice"].post("/api/v1/jobs", json={"type": "train_lora", "params": {**params, **bad}})
         assert r.status_code == 422 and word in r.json()["detail"], (bad, r.text)
-    r = c["alice"].post("/api/v1/jobs", json={"type": "train_lora", "params": params})
+    samples = {"sample_prompts": "sks shape\n# a comment line\nsks shape, circle", "sample_every_n_epochs": 1}
+    r = c["alice"].post("/api/v1/jobs", json={"type": "train_lora", "params": {**params, **samples}})
     assert r.status_code == 202, r.text
     job = _wait(c["alice"], r.json()["id"])
     assert job["status"] == "succeeded", job
     assert job["result"]["lora"] == "alice_shapes" and job["result"]["steps"] == 20 and len(job["result"]["loss"]) == 20
+    assert len(job["result"]["images"]) == 4  # 2 prompts after each of the 2 epochs
+    sample = c["alice"].get(f"/api/v1/images/{job['result']['images'][-1]}")
+    assert sample.status_code == 200 and b"Training epoch: 2" in sample.content
     lora_dir = service.dirs.lora_dir / "alice"
     assert sorted(p.name for p in lora_dir.iterdir()) == ["alice_shapes-000001.safetensors", "alice_shapes.json",
                                                           "alice_shapes.safetensors"]

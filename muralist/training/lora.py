@@ -418,8 +418,8 @@ def train_lora(
 
             img = torch.from_numpy(np.asarray(load_image(item), dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
             dist = model.vae.encode(img.to(dev, model.vae.dtype)).latent_dist
-            sample = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen).to(dev, dist.mean.dtype)
-            latents[item.path] = (sample * model.vae_scale).float().cpu()
+            drawn = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen).to(dev, dist.mean.dtype)
+            latents[item.path] = (drawn * model.vae_scale).float().cpu()
 
     trainable = params["unet"] + params["te"]
     v_pred = model.prediction_type == "v_prediction"
