@@ -36,7 +36,8 @@ def install(app: FastAPI, service: Service) -> None:
         return service.settings.limits.merged(user.limits).max_dataset_bytes
 
     @r.put("/api/v1/datasets/{name}", status_code=201,
-           openapi_extra={"requestBody": {"content": {"application/zip": {"schema": {"type": "string", "format": "binary"}}},
+           # Declared as octet-stream (a zip's bytes): any Content-Type is read the same way.
+           openapi_extra={"requestBody": {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
                                           "required": True}})
     async def upload(name: str, request: Request, user: User = Depends(current_user)) -> dict[str, Any]:
         """A zip of kohya folders (``10_sks dog/img.png`` + ``img.txt``), or of loose images (put into
