@@ -41,7 +41,8 @@ class GenerationRequest(BaseModel):
     clip_skip: int = Field(1, ge=1, le=12)
     tiling: bool = False
     novelai_braces: bool = Field(False, description="read NovelAI-style {x} as emphasis x1.05 (muralist setting)")
-    eta: float | None = Field(None, ge=0.0, le=1.0)
+    eta: float | None = Field(None, ge=0.0, le=1.0, description="ancestral noise (A1111's eta_ancestral; Euler a)")
+    s_noise: float | None = Field(None, ge=0.0, le=2.0, description="scale of the ancestral noise (A1111's s_noise)")
     # img2img / inpainting (A1111 field names and API defaults)
     init_images: list[str] = Field(default_factory=list, description="img2img: base64 images (raw or data URLs)")
     resize_mode: int = Field(0, ge=0, le=3, description="0 just resize, 1 crop and resize, 2 resize and fill, 3 latent upscale")

@@ -55,7 +55,7 @@ SAMPLERS: list[Sampler] = [
         {"algorithm_type": "sde-dpmsolver++", "solver_order": 3},
         "exponential",
     ),
-    Sampler("Euler a", "EulerAncestralDiscreteScheduler", ("k_euler_a", "k_euler_ancestral"), custom_sigmas=False),
+    Sampler("Euler a", "EtaEulerAncestral", ("k_euler_a", "k_euler_ancestral"), custom_sigmas=False),
     Sampler("Euler", "EulerDiscreteScheduler", ("k_euler",)),
     Sampler("LMS", "LMSDiscreteScheduler", ("k_lms",)),
     Sampler("Heun", "HeunDiscreteScheduler", ("k_heun",)),
@@ -150,7 +150,7 @@ class SamplerChoice:
     def make(self, prediction_type: str = "epsilon", seeds: list[int] | None = None) -> Any:
         import diffusers
 
-        cls = getattr(diffusers, self.sampler.cls)
+        cls = _own_schedulers().get(self.sampler.cls) or getattr(diffusers, self.sampler.cls)
         params = inspect.signature(cls.__init__).parameters
         cfg = dict(BASE_SCHEDULER_CONFIG, prediction_type=prediction_type, **self.sampler.kwargs)
         if "timestep_spacing" in params:
@@ -176,3 +176,57 @@ def resolve(sampler: str | None, schedule: str | None = None) -> SamplerChoice:
             "use Automatic, Uniform, SGM Uniform, Simple, Normal or DDIM"
         )
     return SamplerChoice(s, key)
+
+
+_OWN: dict[str, Any] = {}
+
+
+def _own_schedulers() -> dict[str, Any]:
+    """Schedulers muralist extends (built on first use: diffusers is a heavy import)."""
+    if not _OWN:
+        from diffusers import EulerAncestralDiscreteScheduler
+        from diffusers.utils.torch_utils import randn_tensor
+
+        class EtaEulerAncestral(EulerAncestralDiscreteScheduler):
+            """Euler a with A1111's ``eta`` (eta_ancestral) and ``s_noise``.
+
+            k-diffusion's ancestral step: from sigma to sigma_next, the noise added back is
+            ``sigma_up = min(sigma_next, eta * sqrt(sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2))``,
+            the deterministic Euler step goes to ``sigma_down = sqrt(sigma_next^2 - sigma_up^2)``, and
+            the new noise is scaled by ``s_noise``. At eta 1 and s_noise 1 this is diffusers' own step,
+            which is used unchanged; eta 0 is plain Euler.
+            """
+
+            def step(self, model_output: Any, timestep: Any, sample: Any, generator: Any = None, return_dict: bool = True,
+                     eta: float = 1.0, s_noise: float = 1.0) -> Any:
+                if eta == 1.0 and s_noise == 1.0:
+                    return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
+                import torch
+
+                if self.step_index is None:
+                    self._init_step_index(timestep)
+                sigma, sigma_next = self.sigmas[self.step_index], self.sigmas[self.step_index + 1]
+                x = sample.to(torch.float32)
+                if self.config.prediction_type == "v_prediction":
+                    denoised = model_output * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
+                else:
+                    denoised = x - sigma * model_output
+                sigma_up = torch.clamp(eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5, max=sigma_next)
+                sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
+                x = x + (x - denoised) / sigma * (sigma_down - sigma)
+                if sigma_next > 0:
+                    noise = randn_tensor(model_output.shape, dtype=model_output.dtype, device=model_output.device,
+                                         generator=generator)
+                    x = x + noise * s_noise * sigma_up
+                self._step_index += 1
+                out = x.to(model_output.dtype)
+                if not return_dict:
+                    return out, denoised
+                from diffusers.schedulers.scheduling_euler_ancestral_discrete import (
+                    EulerAncestralDiscreteSchedulerOutput,
+                )
+
+                return EulerAncestralDiscreteSchedulerOutput(prev_sample=out, pred_original_sample=denoised)
+
+        _OWN["EtaEulerAncestral"] = EtaEulerAncestral
+    return _OWN

@@ -111,7 +111,8 @@ def _tiling(modules: list[torch.nn.Module], enabled: bool) -> Iterator[None]:
             c.padding_mode = mode
 
 
-def _step_kwargs(scheduler: Any, generators: list[torch.Generator], eta: float | None) -> dict[str, Any]:
+def _step_kwargs(scheduler: Any, generators: list[torch.Generator], eta: float | None,
+                 s_noise: float | None = None) -> dict[str, Any]:
     params = inspect.signature(scheduler.step).parameters
     kw: dict[str, Any] = {}
     if "generator" in params:
@@ -119,6 +120,8 @@ def _step_kwargs(scheduler: Any, generators: list[torch.Generator], eta: float |
         kw["generator"] = generators
     if "eta" in params and eta is not None:
         kw["eta"] = eta
+    if "s_noise" in params and s_noise is not None:
+        kw["s_noise"] = s_noise
     return kw
 
 
@@ -289,6 +292,7 @@ def infotext_params(
         "RNG": RNG_SOURCE if req.randn_source == "CPU" else None,
         "Tiling": "True" if req.tiling else None,
         "Eta": f"{req.eta:g}" if req.eta is not None else None,
+        "Sigma noise": f"{req.s_noise:g}" if req.s_noise not in (None, 1.0) else None,
         "Version": f"muralist {__version__}",
     }
     return params
@@ -486,7 +490,7 @@ def generate_images(
             for c in controls:
                 c.set_size(req.width, req.height, model.device, model.dtype)
             latents = sample(
-                model, scheduler, noise, conds, req.cfg_scale, req.steps, _step_kwargs(scheduler, rng.generators, req.eta),
+                model, scheduler, noise, conds, req.cfg_scale, req.steps, _step_kwargs(scheduler, rng.generators, req.eta, req.s_noise),
                 (req.height, req.width), control, on_step, image_cond, init_latent, strength if img2img else 1.0,
                 None if inpaint_model else latent_mask, req.img2img_fix_steps, low_hook,
             )
@@ -580,7 +584,7 @@ def _hires_pass(model: LoadedModel, vae: Any, req: GenerationRequest, choice: sa
     image_cond = None
     if model.unet.config.in_channels == 9:
         image_cond = _inpaint_image_cond(model, vae, decode(vae, init, model.vae_scale), None, init.shape)
-    return sample(model, scheduler, noise, hr_conds, req.cfg_scale, steps, _step_kwargs(scheduler, rng.generators, req.eta),
+    return sample(model, scheduler, noise, hr_conds, req.cfg_scale, steps, _step_kwargs(scheduler, rng.generators, req.eta, req.s_noise),
                   (h, w), control, on_step, image_cond, init, strength, fix_steps=True, controls=controls)
 
 

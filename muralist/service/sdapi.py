@@ -31,7 +31,8 @@ from .store import Job, JobStatus, User
 OPTION_FIELDS = {"sd_model_checkpoint": "model", "sd_vae": "vae", "CLIP_stop_at_last_layers": "clip_skip", "eta_ancestral": "eta",
                  "tiling": "tiling", "eta_noise_seed_delta": "eta_noise_seed_delta", "randn_source": "randn_source",
                  "img2img_fix_steps": "img2img_fix_steps", "upscaler_for_img2img": "upscaler_for_img2img",
-                 "samples_format": "samples_format", "jpeg_quality": "jpeg_quality", "webp_lossless": "webp_lossless"}
+                 "samples_format": "samples_format", "jpeg_quality": "jpeg_quality", "webp_lossless": "webp_lossless",
+                 "s_noise": "s_noise"}
 FIELD_OPTIONS = {v: k for k, v in OPTION_FIELDS.items()}
 # A1111's option set with its defaults (names and values as its /sdapi/v1/options returns them).
 A1111_OPTIONS: dict[str, Any] = json.loads((Path(__file__).with_name("a1111_options.json")).read_text())
