@@ -18,7 +18,6 @@ import json
 import os
 import re
 import struct
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -210,18 +209,9 @@ def save_png(image: Image.Image, path: str | os.PathLike[str], infotext: str) ->
     The file is written under a temporary name and renamed, so a reader (gallery, HTTP
     download, folder watcher) never sees a half-written PNG.
     """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    data = png_bytes(image, infotext)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    from .paths import write_atomic
+
+    return write_atomic(path, png_bytes(image, infotext))
 
 
 def _decode_user_comment(raw: bytes, little_endian: bool) -> str:

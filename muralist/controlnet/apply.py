@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .units import ControlNetUnit
+from .units import ControlNetUnit, resize_mode_name
 
 SOFT = [0.825 ** float(12 - i) for i in range(13)]
 
@@ -81,9 +81,6 @@ def fit(detected: np.ndarray, mode: str, w: int, h: int) -> np.ndarray:
     return canvas
 
 
-IMG2IMG_RESIZE = ("Just Resize", "Crop and Resize", "Resize and Fill", "Just Resize")
-
-
 @dataclass
 class Control:
     """One unit ready to run: its ControlNet, its detected map and the hint for the current pass."""
@@ -110,7 +107,7 @@ class Control:
         src = self.source
         if src is None:  # img2img: the init image, sized by img2img's own resize mode
             src = np.asarray(init_image.convert("RGB"))
-            self.resize_mode = IMG2IMG_RESIZE[img2img_resize]
+            self.resize_mode = resize_mode_name(img2img_resize)
         res, a, b = self.preprocessor.bounded(u.processor_res, u.threshold_a, u.threshold_b)
         self.infotext = infotext_value(u, res, a, b)
         if u.pixel_perfect:

@@ -95,7 +95,7 @@ class ControlNetUnit(BaseModel):
     @field_validator("resize_mode", mode="before")
     @classmethod
     def _resize_mode(cls, v: Any) -> str:
-        return _enum(v, RESIZE_MODES, "resize_mode", _RESIZE_ALIASES)
+        return resize_mode_name(v)
 
     @field_validator("hr_option", mode="before")
     @classmethod
@@ -111,6 +111,12 @@ class ControlNetUnit(BaseModel):
     @property
     def active(self) -> bool:
         return self.enabled and self.model not in ("None", "none", "")
+
+
+def resize_mode_name(value: Any) -> str:
+    """A resize mode by name, alias or the old integer (A1111's img2img resize_mode uses the same
+    numbers: 0 just resize, 1 crop and resize, 2 resize and fill, 3 latent = just resize)."""
+    return _enum(value, RESIZE_MODES, "resize_mode", _RESIZE_ALIASES)
 
 
 def units_from_alwayson(scripts: Any) -> list[dict[str, Any]] | None:

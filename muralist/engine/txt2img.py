@@ -322,10 +322,15 @@ LATENT_MODES = {
 }
 
 
+def to_tensor(images: list[Image.Image]) -> torch.Tensor:
+    """RGB images -> a (B, 3, H, W) float32 batch in [-1, 1], what the VAE encodes."""
+    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) / 127.5 - 1.0 for im in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2)
+
+
 def encode(vae: Any, images: list[Image.Image], scale: float) -> torch.Tensor:
     """RGB images -> latents (the distribution's mode: deterministic, unlike a sample)."""
-    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) / 127.5 - 1.0 for im in images])
-    x = torch.from_numpy(arr).permute(0, 3, 1, 2).to(vae.device, vae.dtype)
+    x = to_tensor(images).to(vae.device, vae.dtype)
     with torch.inference_mode():
         return vae.encode(x).latent_dist.mode().float() * scale
 
@@ -548,8 +553,7 @@ def _stopped(control: JobControl | None) -> bool:
 def _inpaint_image_cond(model: LoadedModel, vae: Any, images: list[Image.Image], latent_mask: torch.Tensor | None,
                         shape: torch.Size) -> torch.Tensor:
     """9-channel inpainting models see the mask and the image with the masked area blanked (A1111)."""
-    arr = np.stack([np.asarray(i.convert("RGB"), dtype=np.float32) / 127.5 - 1.0 for i in images])
-    x = torch.from_numpy(arr).permute(0, 3, 1, 2)
+    x = to_tensor(images)
     if latent_mask is None:
         pixel_mask = torch.ones(1, 1, *x.shape[2:])
         latent_mask = torch.ones(1, 1, *shape[2:])

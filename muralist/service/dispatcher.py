@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import MuralistError
+from ..paths import write_atomic
 from ..workers.local import WorkerLost
 from . import inputs
 from .store import Job, JobStatus, NewImage
@@ -316,8 +317,8 @@ class Dispatcher:
         return out
 
     def _file(self, run: Run, ev: dict[str, Any]) -> None:
-        """A file a training run produced: its resume state, or a LoRA (epoch, final) and sidecar,
-        written atomically into ``models/Lora/<user>/``."""
+        """A file a training run produced: its resume state, a LoRA (epoch, final) and its sidecar
+        into ``models/Lora/<user>/``, or an embedding; written atomically."""
         job = run.job
         name = Path(str(ev["name"])).name
         if ev["kind"] == "state":
@@ -328,15 +329,7 @@ class Dispatcher:
                       self.service.dirs.outputs_dir / job.owner / "textual_inversion" / job.params["embedding_name"] / name)
         else:
             target = self.service.dirs.lora_dir / job.owner / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".incoming-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(ev["data"])
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(target, ev["data"])
         if ev["kind"] != "state":
             self.service.engine.loras.refresh()  # usable in prompts at once
             self.service.engine.embeddings.refresh()

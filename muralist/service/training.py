@@ -13,6 +13,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from ..errors import InvalidRequestError, NotFoundError
 from ..training.dataset import CAPTION_EXTS, IMAGE_EXTS, describe, extract_zip, load_dataset
 from ..training.options import TrainOptions, parse_options
@@ -146,5 +148,6 @@ def validate(service: Any, user: User, params: dict[str, Any]) -> tuple[dict[str
     return stored, info.sha256
 
 
-def options_of(params: dict[str, Any]) -> TrainOptions:
-    return TrainOptions.model_validate({k: v for k, v in params.items() if k in TrainOptions.model_fields})
+def options_of(params: dict[str, Any], model: type[BaseModel] = TrainOptions) -> Any:
+    """A stored job's options (the params also hold muralist's own keys: notes, steps...)."""
+    return model.model_validate({k: v for k, v in params.items() if k in model.model_fields})

@@ -9,7 +9,6 @@ does. Aspect-ratio buckets follow kohya's ``make_bucket_resolutions`` and ``buck
 from __future__ import annotations
 
 import io
-import json
 import math
 import random
 import shutil
@@ -59,7 +58,7 @@ class Dataset:
 
     def bucket_info(self) -> dict[str, object]:
         counts = Counter(i.bucket for i in self.items)
-        buckets = {str(n): {"resolution": list(b), "count": c * 1} for n, (b, c) in enumerate(sorted(counts.items()))}
+        buckets = {str(n): {"resolution": list(b), "count": c} for n, (b, c) in enumerate(sorted(counts.items()))}
         errors = [abs(i.size[0] / i.size[1] - i.bucket[0] / i.bucket[1]) for i in self.items]
         return {"buckets": buckets, "mean_img_ar_error": sum(errors) / max(1, len(errors))}
 
@@ -239,7 +238,3 @@ def describe(root: Path, caption_extension: str = ".txt") -> dict[str, object]:
     return {"name": root.name, "folders": ds.dataset_dirs(), "images": [
         {"path": f"{i.folder}/{i.path.name}", "caption": i.caption, "width": i.size[0], "height": i.size[1]} for i in ds.items],
         "warnings": ds.warnings}
-
-
-def metadata_json(value: object) -> str:
-    return json.dumps(value, ensure_ascii=False)

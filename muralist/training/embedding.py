@@ -22,8 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ..errors import InvalidRequestError
 from ..models.family import Family
 from ..models.loader import LoadedModel
-from .dataset import assign_buckets, load_dataset, load_image
-from .lora import Saved, TrainProgress, TrainResult, _encode
+from .dataset import assign_buckets, load_dataset
+from .lora import Saved, TrainProgress, TrainResult, _encode, cache_latents, noise_schedule
 
 # Built-in prompt templates (A1111's template files' roles; the wording is ours).
 TEMPLATES: dict[str, list[str]] = {
@@ -168,9 +168,7 @@ def train_embedding(
     stopped: Callable[[], bool] | None = None,
     resume: bytes | None = None,
 ) -> TrainResult:
-    import numpy as np
     import torch.nn.functional as F
-    from diffusers import DDPMScheduler
 
     if model.family is Family.SDXL:
         raise InvalidRequestError("embedding training is for SD1.x and SD2.x checkpoints; SDXL is not supported yet")
@@ -180,8 +178,8 @@ def train_embedding(
         m.requires_grad_(False)
     n = opts.num_vectors_per_token
     vectors = torch.nn.Parameter(initial_vectors(model, opts.init_text, n).to(model.device))
-    optimizer = torch.optim.AdamW([vectors], lr=rate_at(schedule(opts.learn_rate, opts.steps), 0), weight_decay=0.0)
     plan = schedule(opts.learn_rate, opts.steps)
+    optimizer = torch.optim.AdamW([vectors], lr=rate_at(plan, 0), weight_decay=0.0)
     step, losses = 0, []
     result = TrainResult(0, 1)
     if resume is not None:
@@ -206,16 +204,8 @@ def train_embedding(
         ds = load_dataset(data_dir, ".txt")
         size = (opts.training_width, opts.training_height)
         assign_buckets(ds, size, False, 64, 4096, 8, False)
-        with torch.no_grad():
-            latents = []
-            gen = torch.Generator("cpu").manual_seed(opts.seed)
-            for item in ds.items:
-                img = torch.from_numpy(np.asarray(load_image(item), dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
-                dist = model.vae.encode(img.to(model.device, model.vae.dtype)).latent_dist
-                latents.append(((dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen).to(dist.mean.device))
-                                * model.vae_scale).float().cpu())
-        noise_sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                    num_train_timesteps=1000, clip_sample=False)
+        latents = cache_latents(model, ds.items, opts.seed)
+        noise_sched = noise_schedule()
         rng = random.Random(opts.seed + step)
         layer = 1
         tick = time.monotonic()
@@ -240,7 +230,7 @@ def train_embedding(
                     ids.append(row + [tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id] * (77 - len(row)))
                     slots.append(first)
                 context, _ = _encode(te, torch.tensor(ids)[:, None, :], layer, model.family is Family.SD1)
-                x0 = torch.cat([latents[k] for k in picks]).to(model.device)
+                x0 = torch.cat([latents[ds.items[k].path] for k in picks]).to(model.device)
                 noise = torch.randn_like(x0)
                 t = torch.randint(0, 1000, (x0.shape[0],), device=model.device)
                 pred = model.unet(noise_sched.add_noise(x0, noise, t).to(model.unet.dtype), t, encoder_hidden_states=context).sample

@@ -350,6 +350,29 @@ def metadata(opts: TrainOptions, model: LoadedModel, ds: Dataset, p: Plan, info:
     return {k: str(v) for k, v in meta.items()}
 
 
+def noise_schedule() -> Any:
+    """The DDPM schedule SD was trained with (kohya's and A1111's training noise)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                         clip_sample=False)
+
+
+def cache_latents(model: LoadedModel, items: list[Item], seed: int) -> dict[Path, torch.Tensor]:
+    """Each image's latents once (kohya's cache_latents): a sample of the VAE's distribution drawn
+    with a fixed seed, scaled, on the CPU."""
+    from ..engine.txt2img import to_tensor
+
+    gen = torch.Generator("cpu").manual_seed(seed)
+    out: dict[Path, torch.Tensor] = {}
+    with torch.no_grad():
+        for item in items:
+            dist = model.vae.encode(to_tensor([load_image(item)]).to(model.device, model.vae.dtype)).latent_dist
+            drawn = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen).to(dist.mean.device, dist.mean.dtype)
+            out[item.path] = (drawn * model.vae_scale).float().cpu()
+    return out
+
+
 def _lora_params(model: LoadedModel) -> dict[str, torch.nn.Parameter]:
     """Adapter parameters keyed by component and path (SDXL's two encoders share paths)."""
     parts = {"unet": model.unet, **model.text_encoders}
@@ -370,7 +393,6 @@ def train_lora(
 ) -> TrainResult:
     """Train ``model`` (a private copy: it is changed) on the dataset; files go to ``save``."""
     import torch.nn.functional as F
-    from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
 
     save = save or (lambda s: None)
@@ -390,8 +412,7 @@ def train_lora(
     optimizer = _optimizer(opts.optimizer_type, groups)
     scheduler = get_scheduler(opts.lr_scheduler, optimizer, num_warmup_steps=opts.lr_warmup_steps,
                               num_training_steps=p.steps, num_cycles=opts.lr_scheduler_num_cycles)
-    noise_sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                num_train_timesteps=1000, clip_sample=False)
+    noise_sched = noise_schedule()
     alphas = noise_sched.alphas_cumprod.to(dev)
     session = uuid.uuid4().hex
     start_epoch, step, started = 0, 0, time.time()
@@ -409,17 +430,7 @@ def train_lora(
         result.losses = [float(x) for x in state["losses"]]
         session = str(state.get("session", session))
 
-    # Latents once per image (kohya's cache_latents), from the VAE's distribution with a fixed seed.
-    gen = torch.Generator("cpu").manual_seed(opts.seed)
-    latents: dict[Path, torch.Tensor] = {}
-    with torch.no_grad():
-        for item in ds.items:
-            import numpy as np
-
-            img = torch.from_numpy(np.asarray(load_image(item), dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
-            dist = model.vae.encode(img.to(dev, model.vae.dtype)).latent_dist
-            drawn = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen).to(dev, dist.mean.dtype)
-            latents[item.path] = (drawn * model.vae_scale).float().cpu()
+    latents = cache_latents(model, ds.items, opts.seed)
 
     trainable = params["unet"] + params["te"]
     v_pred = model.prediction_type == "v_prediction"

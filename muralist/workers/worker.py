@@ -248,8 +248,8 @@ class Worker:
         return {"type": "done", "images": images, "result": result}
 
     def _train(self, job: dict[str, Any], control: Any, emit: Any, tmp: Path) -> dict[str, Any]:
-        """A LoRA training run on a private copy of the checkpoint (the cached models that serve
-        generation are never changed). Files come back as "file" events; a "state" file after each
+        """A LoRA or embedding training run on a private copy of the checkpoint (the cached models
+        that serve generation are never changed). Files come back as "file" events; a "state" file after each
         epoch lets a re-run continue (job["resume"])."""
         from ..models.loader import load_checkpoint
         from ..models.manager import file_bytes
@@ -261,7 +261,7 @@ class Worker:
         if embedding:
             from ..training.embedding import EmbeddingOptions, train_embedding
 
-            opts: Any = EmbeddingOptions.model_validate({k: v for k, v in params.items() if k in EmbeddingOptions.model_fields})
+            opts: Any = options_of(params, EmbeddingOptions)
             label = opts.embedding_name
         else:
             opts = options_of(params)
