@@ -199,6 +199,20 @@ def test_every_weightless_preprocessor_makes_an_rgb_map(name: str) -> None:
     assert out.dtype == np.uint8 and out.ndim == 3 and out.shape[2] == 3
 
 
+def test_pixel_perfect_sets_the_processor_resolution_from_the_generation_size() -> None:
+    from muralist.controlnet.apply import Control
+
+    assert preprocess.pixel_perfect_resolution(128, 256, 64, 64, "Crop and Resize") == 64  # max(64/128, 64/256) * 128
+    assert preprocess.pixel_perfect_resolution(128, 256, 64, 64, "Resize and Fill") == 32  # min(...) * 128
+    src = np.asarray(shape_image("bar", 128))
+    for perfect, side in ((False, 512), (True, 64)):
+        u = GenerationRequest(controlnet=[unit(pixel_perfect=perfect)]).controlnet[0]
+        c = Control(u, None, src, preprocess.find("canny"))
+        c.prepare(1, 1, 64, 64, None, 0)
+        assert c.detected.shape[:2] == (side, side)
+        assert "Processor Res: 512" in c.infotext  # the extension writes the value before pixel perfect
+
+
 def test_weighted_preprocessor_says_which_file_is_missing() -> None:
     with pytest.raises(InvalidRequestError, match="openpose/body_pose_model.pth"):
         preprocess.run(preprocess.find("openpose"), np.zeros((8, 8, 3), np.uint8), 512, 0, 0)
@@ -288,7 +302,14 @@ def test_controlnet_routes_have_the_extension_shapes(server) -> None:
 
     got = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))))
     assert np.array_equal(got[:, :, 0], cv2.Canny(img, 100, 200))
-    for body, word in (({"controlnet_module": "nope", "controlnet_input_images": ["x"]}, "Module not available"),
+    mask = Image.new("L", (512, 512), 0)
+    ImageDraw.Draw(mask).rectangle((0, 0, 255, 511), fill=255)
+    r = cl.post("/controlnet/detect", json={"controlnet_module": "inpaint_only", "controlnet_input_images": [b64(Image.fromarray(img))],
+                                            "controlnet_masks": [b64(mask)]})
+    rgba = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))))
+    assert rgba.shape[2] == 4 and rgba[10, 10, 3] == 128 and rgba[10, 500, 3] == 255  # alpha = 255 - mask / 2
+    for body, word in (({"controlnet_module": "inpaint", "controlnet_input_images": [b64(shape_image())]}, "controlnet_masks"),
+                       ({"controlnet_module": "nope", "controlnet_input_images": ["x"]}, "Module not available"),
                        ({"controlnet_module": "canny"}, "No image selected"),
                        ({"controlnet_module": "openpose", "controlnet_input_images": [b64(shape_image())]}, "annotator")):
         r = cl.post("/controlnet/detect", json=body)

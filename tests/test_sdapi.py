@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import threading
 import time
@@ -292,6 +293,16 @@ def test_full_option_set_per_user_and_output_options_honoured(server) -> None:
     # per job, through override_settings, without changing alice's options
     webp = {**A1111_BODY, "override_settings": {"samples_format": "webp"}}
     assert base64.b64decode(c["alice"].post("/sdapi/v1/txt2img", json=webp).json()["images"][0])[8:12] == b"WEBP"
+    # jpeg_quality and webp_lossless reach the encoder: a lower quality is a smaller file; lossless
+    # WEBP has the PNG's very pixels
+    low = {**A1111_BODY, "override_settings": {"jpeg_quality": 10}}
+    assert len(base64.b64decode(c["alice"].post("/sdapi/v1/txt2img", json=low).json()["images"][0])) < len(data)
+    from PIL import Image
+
+    png = base64.b64decode(c["bob"].post("/sdapi/v1/txt2img", json=A1111_BODY).json()["images"][0])
+    lossless = {**A1111_BODY, "override_settings": {"samples_format": "webp", "webp_lossless": True}}
+    exact = base64.b64decode(c["alice"].post("/sdapi/v1/txt2img", json=lossless).json()["images"][0])
+    assert list(Image.open(io.BytesIO(exact)).convert("RGB").getdata()) == list(Image.open(io.BytesIO(png)).convert("RGB").getdata())
     assert c["alice"].get("/sdapi/v1/options").json()["samples_format"] == "jpg"
 
 

@@ -457,3 +457,41 @@ def test_embedding_training_writes_an_a1111_embedding_used_in_prompts(server) ->
     assert bad.status_code == 422 and "learn_rate" in bad.json()["detail"]
     xl = c["alice"].post("/api/v1/jobs", json={"type": "train_embedding", "params": {**params, "template_filename": "x.txt"}})
     assert xl.status_code == 422 and "subject.txt" in xl.json()["detail"]
+
+
+def test_locon_adds_conv_layers_at_conv_dim(engine, tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    torch.set_num_threads(1)
+    data = make_dataset(tmp_path / "shapes", n=2)
+    _, _, _, saved, _, _ = _train(engine, data, max_train_epochs=1, network_args=["conv_dim=4", "conv_alpha=2"])
+    path = tmp_path / "locon.safetensors"
+    path.write_bytes(next(s for s in saved if s.kind == "final").data)
+    with safe_open(str(path), "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+        down = f.get_tensor("lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight")
+        alpha = f.get_tensor("lora_unet_down_blocks_0_resnets_0_conv1.alpha")
+        attn = f.get_tensor("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight")
+    assert down.shape[0] == 4 and down.shape[2:] == (3, 3) and alpha.item() == 2 and attn.shape[0] == 8
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "4", "conv_alpha": "2"}
+    assert not any("conv_in" in k or "conv_out" in k for k in keys)
+
+
+@pytest.mark.parametrize("option", [{"noise_offset": 0.1}, {"min_snr_gamma": 5.0}])
+def test_noise_offset_and_min_snr_change_the_training(engine, tmp_path: Path, option: dict) -> None:
+    torch.set_num_threads(1)
+    data = make_dataset(tmp_path / "shapes", n=2)
+    base = _train(engine, data, max_train_epochs=1)[5].losses
+    other = _train(engine, data, max_train_epochs=1, **option)[5].losses
+    assert len(base) == len(other) == 5 and base != other
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path: Path) -> None:
+    from muralist.training.lora import plan
+
+    ds = load_dataset(make_dataset(tmp_path / "shapes"))
+    assign_buckets(ds, (64, 64), False, 64, 64, 8, False)
+    opts = lambda **kw: parse_options({"pretrained_model_name_or_path": "m", "train_data_dir": "d", **FAST, **kw})[0]  # noqa: E731
+    assert plan(ds, opts(max_train_epochs=3)).steps == 30  # 40 images a epoch, batch 4
+    assert plan(ds, opts(max_train_epochs=3, gradient_accumulation_steps=2)).steps == 15
+    assert plan(ds, opts(max_train_epochs=None, max_train_steps=25)).epochs == 3

@@ -19,6 +19,7 @@ import io
 import json
 import math
 import random
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -203,7 +204,7 @@ def attach_adapters(model: LoadedModel, opts: TrainOptions, seed: int) -> dict[s
             cdim, calpha = opts.conv
             target = f"({UNET_TARGETS})|({CONV_TARGETS})"
             for name, mod in model.unet.named_modules():
-                if isinstance(mod, torch.nn.Conv2d) and mod.kernel_size != (1, 1):
+                if isinstance(mod, torch.nn.Conv2d) and mod.kernel_size != (1, 1) and re.fullmatch(CONV_TARGETS, name):
                     ranks[f"^{name}$"], alphas[f"^{name}$"] = cdim, calpha
         cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=target, init_lora_weights=True,
                          lora_dropout=opts.network_dropout, rank_pattern=ranks, alpha_pattern=alphas)
