@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("extras", help="upscale and/or restore faces in images (A1111's Extras)")
     ex.add_argument("images", type=Path, nargs="+")
-    ex.add_argument("--upscaler", default="Lanczos", help="None, Lanczos, Nearest or a model in models/ESRGAN|RealESRGAN|SwinIR")
+    ex.add_argument("--upscaler", default="Lanczos", help="None, Lanczos, Nearest or a model in models/ESRGAN|RealESRGAN|SwinIR|DAT|HAT|ScuNET")
     ex.add_argument("--scale", type=float, default=2.0)
     ex.add_argument("--upscaler-2", default="None")
     ex.add_argument("--upscaler-2-visibility", type=float, default=0.0)

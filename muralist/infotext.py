@@ -61,6 +61,28 @@ INFOTEXT_LAST: tuple[str, ...] = ("Version", "User")
 
 PNG_TEXT_KEY = "parameters"
 
+# A1111 v1.10 sampler facts that decide which keys its infotext holds (sd_samplers_kdiffusion.py,
+# sd_samplers_timesteps.py, sd_samplers_common.py, sd_schedulers.py).
+# The schedule type a sampler uses for "Automatic"; samplers not listed use the model's own sigmas,
+# and A1111 then writes "Schedule type: Automatic".
+A1111_DEFAULT_SCHEDULE: dict[str, str] = {
+    "DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "DPM++ 2M SDE": "Exponential", "DPM++ 2M SDE Heun": "Exponential",
+    "DPM++ 2S a": "Karras", "DPM++ 3M SDE": "Exponential", "DPM2": "Karras", "DPM2 a": "Karras", "Restart": "Karras",
+}
+# Samplers on timesteps ignore the schedule type; A1111 writes the one that was asked for.
+TIMESTEP_SAMPLERS = frozenset({"DDIM", "DDIM CFG++", "PLMS", "UniPC"})
+# Samplers whose k-diffusion function takes eta ("Eta" when it is not 1); DDIM's is "Eta DDIM" (default 0).
+ETA_SAMPLERS = frozenset({"Euler a", "DPM2 a", "DPM++ 2S a", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun",
+                          "DPM++ 3M SDE", "DPM fast", "DPM adaptive"})
+DDIM_ETA_SAMPLERS = frozenset({"DDIM", "DDIM CFG++"})
+# sampler_extra_params: the samplers given s_churn/s_tmin/s_tmax, and those given s_noise.
+CHURN_SAMPLERS = frozenset({"Euler", "Heun", "DPM2"})
+S_NOISE_SAMPLERS = CHURN_SAMPLERS | {"DPM fast", "DPM2 a", "DPM++ 2S a", "DPM++ SDE", "DPM++ 2M SDE",
+                                     "DPM++ 2M SDE Heun", "DPM++ 3M SDE"}
+# The samplers whose noise ENSD changes ("uses_ensd"); only while eta is not 0.
+ENSD_SAMPLERS = frozenset({"Euler a", "DPM++ 2S a", "DPM2 a", "DPM fast", "DPM adaptive"})
+BETA_DIST = (0.6, 0.6)  # A1111's beta_dist_alpha/beta_dist_beta defaults, written with the Beta schedule
+
 # A1111's parameter regex (infotext_utils.re_param), kept verbatim: what it cannot match,
 # A1111 cannot read back.
 A1111_PARAM_RE = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
@@ -154,6 +176,103 @@ def parse_infotext(text: str) -> dict[str, str]:
         else:
             result[key] = value
     return result
+
+
+def uses_ensd(sampler: str, eta: float | None) -> bool:
+    """Whether A1111 writes "ENSD" for this sampler (eta None: its default, 1)."""
+    return sampler in ENSD_SAMPLERS and eta != 0
+
+
+def sampler_params(
+    sampler: str,
+    schedule: str,
+    *,
+    eta: float | None = None,
+    s_churn: float | None = None,
+    s_tmin: float | None = None,
+    s_tmax: float | None = None,
+    s_noise: float | None = None,
+    sgm_noise_multiplier: bool = False,
+    txt2img: bool = True,
+) -> dict[str, object]:
+    """The sampler-dependent keys A1111 v1.10 writes, from the sampler's name and the schedule type's
+    label as requested ("Automatic" included). None: the option's default, never written.
+
+    Float values stay floats: A1111 writes them with Python's str ("7.0", "0.5").
+    """
+    params: dict[str, object] = {}
+    if sampler in TIMESTEP_SAMPLERS:
+        params["Schedule type"] = schedule
+        if sampler in DDIM_ETA_SAMPLERS and eta not in (None, 0.0):
+            params["Eta DDIM"] = eta
+        return params
+    used = A1111_DEFAULT_SCHEDULE.get(sampler, "Automatic") if schedule == "Automatic" else schedule
+    params["Schedule type"] = used
+    if used == "Beta":
+        params["Beta schedule alpha"], params["Beta schedule beta"] = BETA_DIST
+    if sampler in ETA_SAMPLERS and eta not in (None, 1.0):
+        params["Eta"] = eta
+    if sampler in CHURN_SAMPLERS:
+        params["Sigma churn"] = s_churn or None
+        params["Sigma tmin"] = s_tmin or None
+        params["Sigma tmax"] = s_tmax or None  # 0 means no limit (infinity), A1111's default
+    if sampler in S_NOISE_SAMPLERS and s_noise not in (None, 1.0):
+        params["Sigma noise"] = s_noise
+    if sgm_noise_multiplier and txt2img:  # A1111 scales only txt2img's initial noise
+        params["SGM noise multiplier"] = True
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def _number(value: str, kind: type) -> object:
+    number = float(value)
+    return int(number) if kind is int else number
+
+
+# Infotext key -> request field and type, as A1111's paste fields and infotext_to_setting_name_mapping.
+_REQUEST_FIELDS: dict[str, tuple[str, type]] = {
+    "Steps": ("steps", int), "Sampler": ("sampler_name", str), "Schedule type": ("scheduler", str),
+    "CFG scale": ("cfg_scale", float), "Seed": ("seed", int), "Size-1": ("width", int), "Size-2": ("height", int),
+    "Variation seed": ("subseed", int), "Variation seed strength": ("subseed_strength", float),
+    "Seed resize from-1": ("seed_resize_from_w", int), "Seed resize from-2": ("seed_resize_from_h", int),
+    "Denoising strength": ("denoising_strength", float), "Clip skip": ("clip_skip", int),
+    "ENSD": ("eta_noise_seed_delta", int), "RNG": ("randn_source", str), "Tiling": ("tiling", bool),
+    "Eta": ("eta", float), "Eta DDIM": ("eta", float), "Sigma churn": ("s_churn", float),
+    "Sigma tmin": ("s_tmin", float), "Sigma tmax": ("s_tmax", float), "Sigma noise": ("s_noise", float),
+    "SGM noise multiplier": ("sgm_noise_multiplier", bool), "Pad conds": ("pad_cond_uncond", bool),
+    "Emphasis": ("emphasis", str), "Model": ("model", str), "VAE": ("vae", str),
+    "Hires upscale": ("hr_scale", float), "Hires resize-1": ("hr_resize_x", int), "Hires resize-2": ("hr_resize_y", int),
+    "Hires steps": ("hr_second_pass_steps", int), "Hires upscaler": ("hr_upscaler", str),
+    "Hires sampler": ("hr_sampler_name", str), "Hires schedule type": ("hr_scheduler", str),
+    "Hires prompt": ("hr_prompt", str), "Hires negative prompt": ("hr_negative_prompt", str),
+}
+# What a missing key means to A1111's paste (parse_generation_parameters' defaults).
+_MISSING: dict[str, object] = {
+    "scheduler": "Automatic", "clip_skip": 1, "randn_source": "GPU", "emphasis": "Original", "subseed_strength": 0.0,
+}
+
+
+def request_fields(params: Mapping[str, str]) -> dict[str, object]:
+    """Request fields from a parsed infotext (``parse_infotext``), read the way A1111 pastes them:
+    a missing "Schedule type" is Automatic, a missing "RNG" is GPU, a missing "Clip skip" is 1, and
+    hires fix is on when "Denoising strength" comes with a hires key. Unknown keys are left out."""
+    fields: dict[str, object] = {"prompt": params.get("Prompt", ""), "negative_prompt": params.get("Negative prompt", "")}
+    fields.update(_MISSING)
+    for key, (name, kind) in _REQUEST_FIELDS.items():
+        value = params.get(key)
+        if value is None:
+            continue
+        if kind is bool:
+            fields[name] = value.strip().lower() == "true"
+        elif kind is str:
+            fields[name] = value
+        else:
+            try:
+                fields[name] = _number(value, kind)
+            except ValueError:
+                continue  # A1111 keeps the UI's value when a number does not parse
+    fields["enable_hr"] = "Denoising strength" in params and any(
+        k in params for k in ("Hires upscale", "Hires upscaler", "Hires resize-1"))
+    return fields
 
 
 def _png_ready(image: Image.Image) -> Image.Image:

@@ -7,7 +7,7 @@ it was made. Unknown fields are ignored, as A1111's API does (clients send legac
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -42,7 +42,14 @@ class GenerationRequest(BaseModel):
     tiling: bool = False
     novelai_braces: bool = Field(False, description="read NovelAI-style {x} as emphasis x1.05 (muralist setting)")
     eta: float | None = Field(None, ge=0.0, le=1.0, description="ancestral noise (A1111's eta_ancestral; Euler a)")
-    s_noise: float | None = Field(None, ge=0.0, le=2.0, description="scale of the ancestral noise (A1111's s_noise)")
+    s_noise: float | None = Field(None, ge=0.0, le=2.0, description="scale of the ancestral/SDE noise (A1111's s_noise)")
+    s_churn: float | None = Field(None, ge=0.0, le=100.0, description="Euler/Heun/DPM2 noise re-injection (A1111's s_churn)")
+    s_tmin: float | None = Field(None, ge=0.0, le=100.0, description="lowest sigma that gets s_churn (A1111's s_tmin)")
+    s_tmax: float | None = Field(None, ge=0.0, le=1000.0, description="highest sigma that gets s_churn; 0: no limit (A1111)")
+    sgm_noise_multiplier: bool = Field(False, description="scale the initial noise as SGM does (A1111's option)")
+    pad_cond_uncond: bool = Field(False, description="pad prompt and negative prompt to the same length (A1111's option)")
+    emphasis: Literal["Original", "No norm", "Ignore", "None"] = Field(
+        "Original", description="how (word:1.2) weights apply (A1111's option; None: brackets are plain text)")
     # img2img / inpainting (A1111 field names and API defaults)
     init_images: list[str] = Field(default_factory=list, description="img2img: base64 images (raw or data URLs)")
     resize_mode: int = Field(0, ge=0, le=3, description="0 just resize, 1 crop and resize, 2 resize and fill, 3 latent upscale")

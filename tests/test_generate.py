@@ -108,7 +108,7 @@ def test_infotext_is_read_by_a1111_regex(engine, tmp_path: Path) -> None:
         "Steps": "3",
         "Sampler": "DPM++ 2M",
         "Schedule type": "Karras",
-        "CFG scale": "7",
+        "CFG scale": "7.0",
         "Seed": "1234",
         "Size": "64x64",
         "Model hash": saved.model.shorthash,
@@ -249,7 +249,7 @@ def test_unknown_names_suggest_choices(engine) -> None:
     with pytest.raises(NotFoundError, match="Euler a"):
         samplers.resolve("Eular a")
     with pytest.raises(InvalidRequestError, match="not available"):
-        samplers.resolve("DPM fast")
+        samplers.resolve("DDIM CFG++")
 
 
 def test_legacy_sampler_names() -> None:
@@ -319,38 +319,80 @@ def test_randn_source_gpu_draws_on_the_worker_device(engine, tmp_path: Path) -> 
     assert parse_infotext(cpu.result.infotexts[0])["RNG"] == "CPU" and "RNG" not in parse_infotext(gpu.result.infotexts[0])
 
 
-def test_eta_and_s_noise_drive_euler_a(engine, tmp_path: Path) -> None:
-    """A1111's eta_ancestral: 1 is the default, 0 removes the ancestral noise (Euler a becomes Euler),
-    and s_noise scales the noise added back; deterministic samplers ignore both."""
+ETA_SAMPLERS = ["Euler a", "DPM2 a", "DPM++ 2S a", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 3M SDE", "DPM fast", "DPM adaptive"]
+
+
+@pytest.mark.parametrize("sampler", ETA_SAMPLERS)
+def test_eta_changes_ancestral_and_sde_samplers(engine, tmp_path: Path, sampler: str) -> None:
+    """A1111's eta (eta_ancestral, default 1) scales the fresh noise of ancestral and SDE samplers."""
+    px = lambda **kw: pixels(run(engine, tmp_path, sampler_name=sampler, steps=4, **kw).result.images[0])  # noqa: E731
+    default, eta1, eta0 = px(), px(eta=1.0), px(eta=0.0)
+    assert np.array_equal(default, eta1) and np.abs(eta0 - eta1).max() > 0
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "Heun", "LMS", "DPM++ 2M", "DPM2", "DDIM", "UniPC"])
+def test_eta_leaves_deterministic_samplers_alone(engine, tmp_path: Path, sampler: str) -> None:
+    px = lambda **kw: pixels(run(engine, tmp_path, sampler_name=sampler, steps=4, **kw).result.images[0])  # noqa: E731
+    assert np.array_equal(px(eta=0.0), px(eta=1.0)) or sampler == "DDIM"
+    if sampler == "DDIM":  # DDIM's own eta (A1111's eta_ddim, default 0): 1 adds noise
+        assert np.array_equal(px(), px(eta=0.0)) and np.abs(px(eta=1.0) - px()).max() > 0
+
+
+def test_eta_zero_makes_euler_a_euler_and_churn_changes_euler(engine, tmp_path: Path) -> None:
     px = lambda **kw: pixels(run(engine, tmp_path, **kw).result.images[0])  # noqa: E731
-    default, eta1 = px(sampler_name="Euler a"), px(sampler_name="Euler a", eta=1.0)
-    eta0, euler = px(sampler_name="Euler a", eta=0.0), px(sampler_name="Euler")
-    assert np.array_equal(default, eta1) and np.array_equal(eta0, euler) and np.abs(eta0 - eta1).max() > 0
-    assert np.abs(px(sampler_name="Euler a", s_noise=0.5) - default).max() > 0
-    assert np.array_equal(px(sampler_name="Euler", eta=0.3, s_noise=0.5), euler)
-    text = run(engine, tmp_path, sampler_name="Euler a", eta=0.5, s_noise=0.9).result.infotexts[0]
-    assert "Eta: 0.5" in text and "Sigma noise: 0.9" in text
+    euler = px(sampler_name="Euler")
+    assert np.array_equal(px(sampler_name="Euler a", eta=0.0), euler)
+    # s_noise reaches the samplers A1111 gives it to: not Euler a, and for Euler only through churn
+    assert np.array_equal(px(sampler_name="Euler a", s_noise=0.5), px(sampler_name="Euler a"))
+    assert np.abs(px(sampler_name="DPM2 a", s_noise=0.5) - px(sampler_name="DPM2 a")).max() > 0
+    assert np.array_equal(px(sampler_name="Euler", s_noise=0.5), euler)
+    churned = px(sampler_name="Euler", s_churn=1.0)
+    assert np.abs(churned - euler).max() > 0
+    assert np.array_equal(px(sampler_name="Euler", s_churn=1.0, s_tmax=0.001, s_tmin=0.0005), euler)  # no sigma in range
+    assert np.abs(px(sampler_name="Euler", sgm_noise_multiplier=True) - euler).max() > 0
 
 
-def test_euler_a_step_matches_the_ancestral_equations_in_float64() -> None:
-    """One step against k-diffusion's ancestral step written out here in float64 on a toy denoiser."""
+def test_tiny_model_image_equals_an_independent_dpmpp_2m_karras_loop(a1111_models: Path, engine, tmp_path: Path) -> None:
+    """The whole txt2img path (noise, Karras sigmas, fractional timesteps, CFG, DPM++ 2M, VAE) against
+    a loop written here from A1111's rules with the same UNet, VAE and conditioning."""
     import torch
 
-    from muralist.engine import samplers
+    from muralist.engine.conditioning import PromptEncoder, job_conditioning
+    from muralist.engine.txt2img import decode
+    from muralist.models.loader import load_checkpoint
 
-    sched = samplers.resolve("Euler a").make()
-    sched.set_timesteps(10)
-    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * sched.init_noise_sigma
-    t = sched.timesteps[3]
-    sched._step_index = 3
-    eps = 0.3 * x  # a toy model's noise prediction
-    eta, s_noise = 0.5, 0.8
-    out = sched.step(eps, t, x, generator=[torch.Generator().manual_seed(7)], return_dict=False, eta=eta, s_noise=s_noise)[0]
-    sigma, nxt = float(sched.sigmas[3]), float(sched.sigmas[4])
-    x64, eps64 = x.double(), eps.double()
-    denoised = x64 - sigma * eps64
-    up = min(nxt, eta * (nxt**2 * (sigma**2 - nxt**2) / sigma**2) ** 0.5)
-    down = (nxt**2 - up**2) ** 0.5
-    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(7)).double()
-    expected = x64 + (x64 - denoised) / sigma * (down - sigma) + noise * s_noise * up
-    assert torch.allclose(out.double(), expected, atol=1e-5)
+    steps, cfg = 6, 7.0
+    got = run(engine, tmp_path, sampler_name="DPM++ 2M", scheduler="Karras", steps=steps, cfg_scale=cfg, seed=42).result
+
+    model = load_checkpoint(a1111_models / "models" / "Stable-diffusion" / "tiny-sd15.safetensors")
+    conds = job_conditioning(PromptEncoder(model, 1, {}, False), "a red fox in the snow", "", steps)
+    parts, uncond = conds.at(0)
+    c, u = parts[0][0].context, uncond.context
+    betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2
+    ac = np.cumprod(1 - betas)
+    train = np.sqrt((1 - ac) / ac)
+    lo, hi = train[0], train[-1]
+    ramp = np.linspace(0, 1, steps)
+    sig = np.append((hi ** (1 / 7) + ramp * (lo ** (1 / 7) - hi ** (1 / 7))) ** 7, 0.0)
+    x = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(42)).double() * sig[0]
+
+    def denoise(x: torch.Tensor, s: float) -> torch.Tensor:
+        t = float(np.interp(np.log(s), np.log(train), np.arange(1000)))
+        xin = (x / np.sqrt(s * s + 1)).float()
+        with torch.inference_mode():
+            eps_u = model.unet(xin, torch.tensor(t), encoder_hidden_states=u).sample.double()
+            eps_c = model.unet(xin, torch.tensor(t), encoder_hidden_states=c).sample.double()
+        return x - s * (eps_u + cfg * (eps_c - eps_u))
+
+    old = None
+    for i in range(steps):
+        den = denoise(x, sig[i])
+        if sig[i + 1] == 0:
+            x = den
+        else:
+            d = den if old is None else den + (den - old) / (2 * (np.log(sig[i - 1] / sig[i]) / np.log(sig[i] / sig[i + 1])))
+            x = (sig[i + 1] / sig[i]) * x + (1 - sig[i + 1] / sig[i]) * d
+        old = den
+    want = decode(model.vae, x.float(), model.vae_scale)[0]
+    diff = np.abs(pixels(got.images[0]) - pixels(want))
+    assert diff.max() <= 1, diff.max()

@@ -252,7 +252,7 @@ def test_z_axis_gives_a_grid_per_value_and_a_combined_one(engine, tmp_path: Path
     assert len(res.images) == 4 and res.cells[-1] == (1, 0, 1)
     random_seed = res.seeds[0]
     assert res.seeds == [random_seed, 5, random_seed, 5]
-    assert [parse_infotext(t)["CFG scale"] for t in res.infotexts] == ["1", "1", "7", "7"]
+    assert [parse_infotext(t)["CFG scale"] for t in res.infotexts] == ["1.0", "1.0", "7.0", "7.0"]
     assert res.labels["z"] == ["CFG Scale: 1.0", "CFG Scale: 7.0"]
     assert len(res.grids) == 3 and [p.name for p in res.grid_paths] == ["xyz_grid-0000.png", "xyz_grid-0001.png", "xyz_grid-0002.png"]
     sub0, sub1, combined = res.grids
@@ -261,7 +261,7 @@ def test_z_axis_gives_a_grid_per_value_and_a_combined_one(engine, tmp_path: Path
     assert parse_infotext(res.grid_infotexts[0])["Fixed X Values"] == f"{random_seed}, 5"
     assert "Z Type" not in parse_infotext(res.grid_infotexts[0])
     assert parse_infotext(res.grid_infotexts[2])["Z Type"] == "CFG Scale"
-    assert parse_infotext(res.grid_infotexts[1])["CFG scale"] == "7"  # a sub-grid carries its own first cell
+    assert parse_infotext(res.grid_infotexts[1])["CFG scale"] == "7.0"  # a sub-grid carries its own first cell
 
 
 # -- prompt matrix ------------------------------------------------------------------------------

@@ -170,7 +170,7 @@ def test_img2img_fix_steps_runs_exactly_the_requested_steps(engine, tmp_path: Pa
     src = [b64(source(64, 64))]
     normal, a = _steps_run(engine, tmp_path, init_images=src, denoising_strength=0.5)
     fixed, b = _steps_run(engine, tmp_path, init_images=src, denoising_strength=0.5, img2img_fix_steps=True)
-    assert normal[-1] == 3 and len(normal) == 3  # int(0.5 * 6)
+    assert normal[-1] == 4 and len(normal) == 4  # A1111 (k-diffusion): int(0.5 * 6) + 1 steps of the schedule
     assert fixed[-1] == 6 and len(fixed) == 6  # A1111: 6 steps of a 12-step schedule
     assert np.abs(a - b).max() > 0
 

@@ -110,11 +110,13 @@ def test_conditioning_changes_only_where_the_schedule_changes(engine) -> None:
     assert conds.change_steps(20) == set(range(2, 20))
     conds = job_conditioning(enc, "a [cat:dog:10] in [a:b:0.75]", "[x::5]", 20)
     assert conds.change_steps(20) == {6, 11, 16}
-    # The 300-token prompt has 4+ chunks and the short negative is padded to the same length.
+    # The 300-token prompt has 4+ chunks; the short negative keeps its one chunk (A1111's default)
+    # unless "Pad prompt/negative prompt" is on.
     long300 = ", ".join(["masterpiece best quality"] * 60)
     parts, uncond = job_conditioning(enc, long300, "blurry", 20).at(0)
+    assert parts[0][0].chunks >= 4 and uncond.chunks == 1
+    parts, uncond = job_conditioning(enc, long300, "blurry", 20, pad_cond_uncond=True).at(0)
     assert parts[0][0].context.shape == uncond.context.shape
-    assert parts[0][0].chunks >= 4
 
 
 def test_novelai_braces_only_when_enabled(engine, tmp_path: Path) -> None:

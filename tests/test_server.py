@@ -179,7 +179,7 @@ def test_user_defaults_and_per_job_settings(root: Path, database: str | None) ->
         j3 = wait_job(c, c.post("/api/v1/jobs", json={"params": SMALL}).json()["id"])
         models = [parse_infotext(j["result"]["infotexts"][0])["Model"] for j in (j1, j2, j3)]
         assert models == ["tiny-sd15-b", "tiny-sd15", "tiny-sd15-b"]
-        assert parse_infotext(j1["result"]["infotexts"][0])["CFG scale"] == "5"
+        assert parse_infotext(j1["result"]["infotexts"][0])["CFG scale"] == "5.0"
 
 
 def test_job_events_stream_progress_and_finish(root: Path, database: str | None) -> None:

@@ -7,13 +7,16 @@ dropped afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -25,26 +28,29 @@ PG_URL = os.environ.get("MURALIST_TEST_POSTGRES")
 Opener = Callable[[], Store]
 
 
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """The URL of a fresh schema in the MURALIST_TEST_POSTGRES database (dropped afterwards)."""
+    if not PG_URL:
+        pytest.skip("set MURALIST_TEST_POSTGRES=postgresql://user@host:port/db to run the PostgreSQL tests")
+    import psycopg
+
+    schema = f"muralist_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    yield PG_URL + ("&" if "?" in PG_URL else "?") + f"options=-csearch_path%3D{schema}"
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opener]:
     """A function opening a new Store on one fresh database (call it again to "restart")."""
     stores: list[Store] = []
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'db' / 'muralist.db'}"
-        cleanup = None
     else:
-        if not PG_URL:
-            pytest.skip("set MURALIST_TEST_POSTGRES=postgresql://user@host:port/db to run the PostgreSQL tests")
-        import psycopg
-
-        schema = f"muralist_test_{uuid.uuid4().hex[:12]}"
-        with psycopg.connect(PG_URL, autocommit=True) as conn:
-            conn.execute(f'CREATE SCHEMA "{schema}"')
-        url = PG_URL + ("&" if "?" in PG_URL else "?") + f"options=-csearch_path%3D{schema}"
-
-        def cleanup() -> None:
-            with psycopg.connect(PG_URL, autocommit=True) as conn:
-                conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+        url = request.getfixturevalue("pg_url")
 
     def open_() -> Store:
         store = open_store(url, tmp_path)
@@ -54,8 +60,6 @@ def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opener]:
     yield open_
     for s in stores:
         s.close()
-    if cleanup:
-        cleanup()
 
 
 @pytest.fixture
@@ -556,3 +560,130 @@ def test_open_store_urls(tmp_path: Path) -> None:
     for bad in ("mysql://x", "sqlite://x.db", "sqlite:///:memory:"):
         with pytest.raises(MuralistError):
             open_store(bad, tmp_path)
+
+
+# ---------------------------------------------------------------- PostgreSQL connections
+
+
+def _backend_pids(store: Store, calls: int) -> set[int]:
+    pids = set()
+    for _ in range(calls):  # the pool hands out its idle connections in turn
+        with store._tx() as tx:
+            pids.add(int(tx.value("SELECT pg_backend_pid()")))
+    return pids
+
+
+def test_dropped_connections_are_replaced(pg_url: str, tmp_path: Path) -> None:
+    import psycopg
+
+    store = open_store(pg_url, tmp_path, pool_size=2)
+    try:
+        store.ensure_user("alice")
+        pids = _backend_pids(store, 4)
+        # As a server restart, an idle timeout or an admin would: the pooled connections die while idle.
+        with psycopg.connect(PG_URL, autocommit=True) as admin:
+            for pid in pids:
+                assert admin.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,)).fetchone()[0]
+        job = store.submit("alice", "txt2img", {"i": 1})  # no error: fresh connections took their place
+        assert store.claim_next("w").id == job.id
+        assert not _backend_pids(store, 4) & pids
+    finally:
+        store.close()
+
+
+class _Relay:
+    """A TCP relay to the PostgreSQL server that a test can cut (the server "goes down") and restore."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.port = 0  # chosen on the first start, kept on restarts
+        self._socks: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        listener = socket.create_server(("127.0.0.1", self.port))
+        self.port = listener.getsockname()[1]
+        self._track(listener)
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def stop(self) -> None:
+        with self._lock:
+            socks, self._socks = self._socks, []
+        for s in socks:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    def _track(self, s: socket.socket) -> None:
+        with self._lock:
+            self._socks.append(s)
+
+    def _accept(self, listener: socket.socket) -> None:
+        with contextlib.suppress(OSError):  # the listener was closed
+            while True:
+                client, _ = listener.accept()
+                server = socket.create_connection(self.target)
+                self._track(client)
+                self._track(server)
+                for a, b in ((client, server), (server, client)):
+                    threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+
+def test_database_outage_is_a_clear_error_and_the_store_recovers(
+    pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from muralist.service import store as store_module
+
+    monkeypatch.setattr(store_module._Postgres, "WAIT_TIMEOUT", 2.0)
+    parts = urlsplit(pg_url)
+    relay = _Relay(parts.hostname or "127.0.0.1", parts.port or 5432)
+    relay.start()
+    credentials = parts.netloc.rpartition("@")[0]
+    netloc = (credentials + "@" if credentials else "") + f"127.0.0.1:{relay.port}"
+    store = open_store(urlunsplit(parts._replace(netloc=netloc)), tmp_path)
+    try:
+        store.ensure_user("alice")
+        relay.stop()
+        t0 = time.monotonic()
+        with pytest.raises(MuralistError, match=r"no connection to PostgreSQL at .* within 2 s"):
+            store.submit("alice", "txt2img", {})
+        assert time.monotonic() - t0 < 10
+        relay.start()
+        deadline = time.monotonic() + 20
+        while True:  # the pool reconnects with a backoff; callers retry as the dispatchers do
+            try:
+                job = store.submit("alice", "txt2img", {})
+                break
+            except MuralistError:
+                assert time.monotonic() < deadline, "the store did not recover after the server came back"
+        assert store.get(job.id).status is JobStatus.QUEUED
+    finally:
+        store.close()
+        relay.stop()
+
+
+def test_unreachable_postgres_is_a_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))  # a port nobody listens on
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    with pytest.raises(MuralistError, match=r"cannot connect to PostgreSQL at postgresql://muralist:\*\*\*@127\.0\.0\.1"):
+        open_store(f"postgresql://muralist:secret@127.0.0.1:{port}/muralist", tmp_path)
+    assert time.monotonic() - t0 < 5  # at once, not after the pool's timeout
+    with pytest.raises(MuralistError, match="cannot connect to PostgreSQL"):
+        open_store("postgresql://127.0.0.1:notaport/muralist", tmp_path)
+
+
+def test_unknown_postgres_database_is_a_clear_error(pg_url: str, tmp_path: Path) -> None:
+    url = urlunsplit(urlsplit(pg_url)._replace(path="/muralist_no_such_database"))
+    with pytest.raises(MuralistError, match="muralist_no_such_database"):
+        open_store(url, tmp_path)

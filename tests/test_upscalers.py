@@ -1,8 +1,9 @@
-"""Upscalers: architecture detection from tensors, A1111's size rules, tiling and the registry.
+"""Upscalers on spandrel: model files from A1111's folders, A1111's size rules, tiling and the registry.
 
-The state dicts are written out here key by key in each published layout (old ESRGAN, BSRGAN,
-basicsr/Real-ESRGAN, SRVGGNetCompact, SwinIR) with tiny random weights, saved as .pth and
-.safetensors into an A1111-style data folder, and read back through the production loader.
+ESRGAN (old, BSRGAN and basicsr/Real-ESRGAN layouts), SRVGGNetCompact and SwinIR state dicts are
+written out here key by key in their published layouts with tiny random weights; HAT and DAT come
+from spandrel's own classes (the original key layouts) at tiny sizes. They are saved as .pth and
+.safetensors into an A1111-style data folder and read back through the production loader.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import safetensors.torch
+import spandrel
 import torch
 from PIL import Image
 
@@ -50,7 +52,7 @@ class _Weights:
         self.sd[f"{name}.bias"] = 0.01 * torch.randn(dim, generator=self.g)
 
 
-def rrdb_new(nf=8, nb=1, gc=4, n_up=2, unshuffle=1, in_ch=3, out_ch=3, seed=0) -> dict[str, torch.Tensor]:
+def rrdb_new(nf=8, nb=1, gc=32, n_up=2, unshuffle=1, in_ch=3, out_ch=3, seed=0) -> dict[str, torch.Tensor]:
     """basicsr's RRDBNet (Real-ESRGAN x4plus / x2plus) key layout."""
     w = _Weights(seed)
     w.conv("conv_first", nf, in_ch * unshuffle**2)
@@ -117,7 +119,7 @@ def relative_index(window: int) -> torch.Tensor:
 
 
 def swinir(embed=16, depths=(2,), heads=(2,), window=4, mlp=32, upsampler="nearest+conv", scale=4,
-           num_feat=8, resi="1conv", seed=2) -> dict[str, torch.Tensor]:  # fmt: skip
+           num_feat=64, resi="1conv", seed=2) -> dict[str, torch.Tensor]:  # fmt: skip
     """SwinIR's key layout, including the buffers the original code saves."""
     w = _Weights(seed)
     w.conv("conv_first", embed, 3)
@@ -167,6 +169,35 @@ def swinir(embed=16, depths=(2,), heads=(2,), window=4, mlp=32, upsampler="neare
     return w.sd
 
 
+def hat(scale: int = 2, seed: int = 3) -> dict[str, torch.Tensor]:
+    """HAT's layout (HAT_SRx2/x4 as released), from spandrel's port of the original class."""
+    from spandrel.architectures.HAT import HAT
+
+    torch.manual_seed(seed)
+    net = HAT(img_size=16, embed_dim=12, depths=[2], num_heads=[2], window_size=4, upscale=scale, num_feat=8,
+              compress_ratio=3, squeeze_factor=3, mlp_ratio=2.0)  # fmt: skip
+    return net.state_dict()
+
+
+def dat(scale: int = 2, seed: int = 4) -> dict[str, torch.Tensor]:
+    """DAT's layout (DAT_x2/x3/x4 as released), from spandrel's port of the original class."""
+    from spandrel.architectures.DAT import DAT
+
+    torch.manual_seed(seed)
+    net = DAT(img_size=16, embed_dim=16, split_size=[2, 4], depth=[2], num_heads=[2], upscale=scale,
+              expansion_factor=2.0)  # fmt: skip
+    return net.state_dict()
+
+
+def restoreformer() -> dict[str, torch.Tensor]:
+    """A tiny RestoreFormer: a face restorer spandrel knows, which is no upscaler."""
+    from spandrel.architectures.RestoreFormer import RestoreFormer
+
+    net = RestoreFormer(n_embed=16, embed_dim=8, ch=32, out_ch=3, ch_mult=(1, 1), num_res_blocks=1,
+                        attn_resolutions=(16,), resolution=512, z_channels=32, head_size=8)  # fmt: skip
+    return net.state_dict()
+
+
 def save(sd: dict[str, torch.Tensor], path: Path, wrap: str | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".safetensors":
@@ -188,7 +219,7 @@ def one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An A1111 data folder with one tiny model per layout."""
+    """An A1111 data folder with one tiny model per layout and architecture."""
     root = tmp_path_factory.mktemp("upscalers")
     esrgan, realesrgan, swin = (root / "models" / f for f in ("ESRGAN", "RealESRGAN", "SwinIR"))
     x4 = rrdb_new()
@@ -200,6 +231,9 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     save(new_to_bsrgan(x4), esrgan / "bsrgan-4x.pth")
     save(rrdb_new(unshuffle=4, seed=5), esrgan / "sub" / "realesrgan-1x.safetensors")
     save(swinir(), swin / "SwinIR_4x.pth", wrap="params_ema")
+    save(swinir(upsampler="pixelshuffle", scale=2, depths=(2, 1), heads=(2, 4), resi="3conv"), swin / "SwinIR_2x.pth")
+    save(hat(), root / "models" / "HAT" / "HAT_SRx2.pth", wrap="params_ema")
+    save(dat(), root / "models" / "DAT" / "DAT_x2.safetensors")
     (esrgan / "notes.txt").write_text("not a model")
     return root
 
@@ -220,40 +254,7 @@ def picture(w: int, h: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
 
 
 # ---------------------------------------------------------------------------------------------
-# Detection
-
-
-@pytest.mark.parametrize(
-    ("sd", "arch", "scale", "options"),
-    [
-        (rrdb_new(), "ESRGAN", 4, {"num_filters": 8, "num_blocks": 1, "growth": 4, "unshuffle": 1}),
-        (rrdb_new(nf=12, nb=3, gc=6, unshuffle=2), "ESRGAN", 2, {"num_filters": 12, "num_blocks": 3, "growth": 6, "unshuffle": 2}),
-        (rrdb_new(unshuffle=4), "ESRGAN", 1, {"unshuffle": 4}),
-        (rrdb_new(n_up=3), "ESRGAN", 8, {"num_upsamples": 3}),
-        (new_to_old(rrdb_new(nb=2), nb=2, n_up=2), "ESRGAN", 4, {"num_blocks": 2, "num_filters": 8, "growth": 4}),
-        (new_to_old(rrdb_new(n_up=1), nb=1, n_up=1), "ESRGAN", 2, {"num_upsamples": 1, "unshuffle": 1}),
-        (new_to_bsrgan(rrdb_new()), "ESRGAN", 4, {"num_blocks": 1}),
-        (srvgg(nf=8, num_conv=2, scale=4), "SRVGGNetCompact", 4, {"num_filters": 8, "num_conv": 2}),
-        (srvgg(nf=6, num_conv=3, scale=2), "SRVGGNetCompact", 2, {"num_filters": 6, "num_conv": 3}),
-        (swinir(), "SwinIR", 4, {"window_size": 4, "depths": [2], "num_heads": [2], "upsampler": "nearest+conv"}),
-        (swinir(upsampler="pixelshuffle", scale=2, depths=(2, 1), heads=(2, 4), resi="3conv"), "SwinIR", 2,
-         {"depths": [2, 1], "num_heads": [2, 4], "resi_connection": "3conv", "shifts": [[False, True], [False]]}),
-        (swinir(upsampler="pixelshuffledirect", scale=3), "SwinIR", 3, {"upsampler": "pixelshuffledirect"}),
-        (swinir(upsampler="", window=7), "SwinIR", 1, {"img_range": 255.0}),
-    ],
-)  # fmt: skip
-def test_detects_architecture_and_scale_from_tensors(sd, arch, scale, options) -> None:
-    spec = up.detect_architecture({k: tuple(v.shape) for k, v in up.normalize_keys(sd).items()})
-    assert (spec.arch, spec.scale, spec.in_channels, spec.out_channels) == (arch, scale, 3, 3)
-    for key, value in options.items():
-        assert spec.options[key] == value, key
-    # Every layout builds and loads strictly, and its output is `scale` times the input.
-    module = up.build_model(spec)
-    state = {k: v for k, v in up.normalize_keys(sd).items() if not k.endswith(("attn_mask", "position_index"))}
-    module.load_state_dict(state)
-    with torch.inference_mode():
-        out = module.eval()(torch.rand(1, 3, 12, 8))
-    assert out.shape == (1, 3, 12 * scale, 8 * scale)
+# Loading: every layout from its A1111 folder, the right scale, clear errors for other files
 
 
 @pytest.mark.parametrize(
@@ -261,21 +262,42 @@ def test_detects_architecture_and_scale_from_tensors(sd, arch, scale, options) -
     [
         ("RealESRGAN/RealESRGAN_x4plus.pth", "ESRGAN", 4),
         ("RealESRGAN/RealESRGAN_x2plus.pth", "ESRGAN", 2),
-        ("RealESRGAN/realesr-general-x4v3.pth", "SRVGGNetCompact", 4),
+        ("RealESRGAN/realesr-general-x4v3.pth", "RealESRGAN Compact", 4),
         ("ESRGAN/old-4x.pth", "ESRGAN", 4),
         ("ESRGAN/old-2x.safetensors", "ESRGAN", 2),
         ("ESRGAN/bsrgan-4x.pth", "ESRGAN", 4),
         ("ESRGAN/sub/realesrgan-1x.safetensors", "ESRGAN", 1),
         ("SwinIR/SwinIR_4x.pth", "SwinIR", 4),
+        ("SwinIR/SwinIR_2x.pth", "SwinIR", 2),
+        ("HAT/HAT_SRx2.pth", "HAT", 2),
+        ("DAT/DAT_x2.safetensors", "DAT", 2),
     ],
 )
 def test_files_load_in_every_format(data: Path, file: str, arch: str, scale: int) -> None:
     path = data / "models" / file
-    assert (describe_file(path).arch, describe_file(path).scale) == (arch, scale)  # from shapes only
+    listed = describe_file(path)  # what listing shows, built from shapes without the weights
     model = load_upscaler_model(path)
+    assert (listed.arch, listed.scale) == (model.spec.arch, model.scale) == (arch, scale)
+    assert listed == model.spec
+    out = model.upscale_image(picture(21, 17))
+    assert out.size == (21 * scale, 17 * scale) and out.mode == "RGB"
+
+
+@pytest.mark.parametrize(
+    ("sd", "arch", "scale"),
+    [
+        (rrdb_new(nf=12, nb=3, unshuffle=2), "ESRGAN", 2),
+        (rrdb_new(n_up=3), "ESRGAN", 8),
+        (new_to_old(rrdb_new(nb=2, n_up=1), nb=2, n_up=1), "ESRGAN", 2),
+        (srvgg(nf=6, num_conv=3, scale=2), "RealESRGAN Compact", 2),
+        (swinir(upsampler="pixelshuffledirect", scale=3), "SwinIR", 3),
+        (swinir(upsampler="", window=7), "SwinIR", 1),  # SwinIR's denoising / JPEG models
+    ],
+)  # fmt: skip
+def test_layout_variants_load_with_their_scale(tmp_path: Path, sd: dict[str, torch.Tensor], arch: str, scale: int) -> None:
+    model = load_upscaler_model(save(sd, tmp_path / "variant.pth"))
     assert (model.spec.arch, model.scale) == (arch, scale)
-    out = model.upscale_image(picture(13, 10))
-    assert out.size == (13 * scale, 10 * scale) and out.mode == "RGB"
+    assert model.upscale_image(picture(18, 13)).size == (18 * scale, 13 * scale)
 
 
 def test_old_bsrgan_and_new_layouts_compute_the_same(tmp_path: Path) -> None:
@@ -287,30 +309,71 @@ def test_old_bsrgan_and_new_layouts_compute_the_same(tmp_path: Path) -> None:
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
+def test_network_sees_rgb_in_0_1_and_output_lands_in_place(tmp_path: Path) -> None:
+    # SRVGGNetCompact adds its conv output to the nearest-upscaled input. With the last conv's
+    # weights zeroed and +0.25 bias on the red sub-pixels only, the result must be exactly the
+    # nearest upscale with red raised by 64: a channel swap, a wrong range or an offset shows.
+    sd = srvgg(seed=9)
+    last = max(int(k.split(".")[1]) for k in sd)
+    sd[f"body.{last}.weight"].zero_()
+    sd[f"body.{last}.bias"].zero_()
+    sd[f"body.{last}.bias"][:16] = 0.25  # pixel shuffle: channels 0..15 become red's 4x4 sub-pixels
+    model = load_upscaler_model(save(sd, tmp_path / "identity.pth"))
+    img = picture(19, 11)
+    expected = np.asarray(img.resize((76, 44), Image.Resampling.NEAREST)).astype(np.int16)
+    expected[..., 0] = np.minimum(expected[..., 0] + 64, 255)
+    for tile in (0, 8):
+        got = np.asarray(model.upscale_image(img, tile=tile)).astype(np.int16)
+        assert np.abs(got - expected).max() <= 1, tile
+
+
+def test_small_images_and_tiles_meet_the_model_minimum(data: Path) -> None:
+    # HAT needs inputs of at least 16 pixels: smaller images and tiles are padded, then cropped.
+    model = load_upscaler_model(data / "models" / "HAT" / "HAT_SRx2.pth")
+    assert model.spec.size_requirements.minimum == 16
+    assert model.upscale_image(picture(5, 7)).size == (10, 14)
+    x = torch.rand(1, 3, 40, 30, generator=torch.Generator().manual_seed(0))
+    tiled = model.upscale_tensor(x, tile=8, tile_overlap=4)
+    assert tiled.shape == (1, 3, 80, 60) and torch.isfinite(tiled).all()
+
+
 def test_unknown_and_broken_files_are_model_file_errors(tmp_path: Path) -> None:
     unknown = save({"encoder.weight": torch.zeros(4, 4)}, tmp_path / "mystery.safetensors")
-    with pytest.raises(ModelFileError, match="mystery.safetensors.*not a supported upscaler"):
+    with pytest.raises(ModelFileError, match="mystery.safetensors is not a supported upscaler model"):
         load_upscaler_model(unknown)
+    with pytest.raises(ModelFileError, match="mystery.safetensors is not a supported upscaler model"):
+        describe_file(unknown)
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"\x00" * 100)
     with pytest.raises(ModelFileError, match="garbage.pth"):
         load_upscaler_model(garbage)
-    swin2sr = swinir()
-    swin2sr["layers.0.residual_group.blocks.0.attn.logit_scale"] = torch.zeros(2, 1, 1)
-    with pytest.raises(ModelFileError, match="Swin2SR models are not supported: .*swin2sr.pth"):
-        load_upscaler_model(save(swin2sr, tmp_path / "swin2sr.pth"))
-    # Recognised layout, but extra tensors (ESRGAN+'s conv1x1): named, not a traceback.
+    # Recognised layout, but tensors that do not fit it (half of ESRGAN+'s conv1x1): named, not a traceback.
     plus = new_to_old(rrdb_new(), nb=1, n_up=2)
     plus["model.1.sub.0.RDB1.conv1x1.weight"] = torch.zeros(4, 8, 1, 1)
-    with pytest.raises(ModelFileError, match=r"plus.pth looks like a ESRGAN model.*unexpected: .*conv1x1"):
-        load_upscaler_model(save(plus, tmp_path / "plus.pth"))
-    # Through the registry and upscale(), the same error names the file.
-    registry = UpscalerRegistry(DataDirs.from_options(tmp_path / "data"))
-    save({"encoder.weight": torch.zeros(4, 4)}, tmp_path / "data" / "models" / "ESRGAN" / "weird.pth")
-    info = registry.find("weird")
+    for read in (load_upscaler_model, describe_file):
+        with pytest.raises(ModelFileError, match=r"plus.pth looks like an ESRGAN model but its tensors do not fit .*conv1x1"):
+            read(save(plus, tmp_path / "plus.pth"))
+
+
+@pytest.mark.parametrize(
+    ("sd", "message"),
+    [
+        (restoreformer(), "is a RestoreFormer face restoration model, not an upscaler; .*models/GFPGAN"),
+        ({"position_emb": torch.zeros(4, 8), "quantize.embedding.weight": torch.zeros(16, 8)},
+         "is a CodeFormer face restoration model, not an upscaler; put it in models/Codeformer"),
+        ({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3)},
+         "is a Stable Diffusion checkpoint, not an upscaler; put it in models/Stable-diffusion"),
+        ({"lora_unet_down_blocks_0.lora_down.weight": torch.zeros(4, 8)}, "is a LoRA, not an upscaler; put it in models/Lora"),
+    ],
+)  # fmt: skip
+def test_other_kinds_of_model_say_what_they_are(tmp_path: Path, sd: dict[str, torch.Tensor], message: str) -> None:
+    # Through the registry, as a user meets it: listed (no scale), and using it names the file.
+    save(sd, tmp_path / "models" / "ESRGAN" / "stray.safetensors")
+    registry = UpscalerRegistry(DataDirs.from_options(tmp_path))
+    info = registry.find("stray")
     assert info.scale is None and info.arch is None
-    with pytest.raises(ModelFileError, match="weird.pth"):
-        upscale(picture(8, 8), "weird", registry, scale=2)
+    with pytest.raises(ModelFileError, match="stray.safetensors " + message):
+        upscale(picture(8, 8), "stray", registry, scale=2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -451,12 +514,27 @@ def test_default_tiling_covers_large_images(data: Path) -> None:
     assert diff.max() <= 1  # default overlap 8 covers this small network's receptive field
 
 
+@pytest.mark.parametrize("file", ["SwinIR/SwinIR_4x.pth", "SwinIR/SwinIR_2x.pth", "HAT/HAT_SRx2.pth"])
+def test_swin_speed_ups_change_no_pixel(data: Path, file: str) -> None:
+    # muralist shares shift masks between blocks and fuses SwinIR's attention; the output must stay
+    # spandrel's own, at the training size and at others (where the shift masks are rebuilt).
+    path = data / "models" / file
+    model = load_upscaler_model(path)
+    plain = spandrel.ModelLoader().load_from_state_dict(up.read_upscaler_state(path)).eval()
+    reference = up.UpscalerModel(plain, model.spec, "plain", torch.device("cpu"))
+    x = torch.rand(1, 3, 26, 21, generator=torch.Generator().manual_seed(0))
+    for tile in (0, 16):
+        ours = model.upscale_tensor(x, tile=tile, tile_overlap=4)
+        theirs = reference.upscale_tensor(x, tile=tile, tile_overlap=4)
+        assert theirs.std() > 1e-3  # varied pixels, not an image clamped flat
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
 def test_swinir_tiles_and_pads_to_the_window(data: Path) -> None:
     model = load_upscaler_model(data / "models" / "SwinIR" / "SwinIR_4x.pth")
-    assert torch.equal(up._relative_position_index(4), relative_index(4))  # recomputed == saved
-    x = torch.rand(1, 3, 13, 10)  # not a multiple of the window (4)
+    x = torch.rand(1, 3, 19, 17)  # not a multiple of the window (4)
     whole = model.upscale_tensor(x, tile=0)
-    assert whole.shape == (1, 3, 52, 40)
+    assert whole.shape == (1, 3, 76, 68)
     torch.testing.assert_close(model.upscale_tensor(x, tile=64), whole)  # one tile == untiled
     tiled = model.upscale_tensor(torch.rand(1, 3, 40, 30), tile=16, tile_overlap=8)
     assert tiled.shape == (1, 3, 160, 120) and torch.isfinite(tiled).all()
@@ -492,12 +570,18 @@ def test_registry_lists_builtins_then_models(registry: UpscalerRegistry) -> None
         "bsrgan-4x",
         "realesrgan-1x",
         "SwinIR_4x",
+        "SwinIR_2x",
+        "HAT_SRx2",  # A1111 >= 1.8's DAT and HAT folders
+        "DAT_x2",
     }
     by_name = {i.name: i for i in infos}
     assert by_name["Lanczos"].path is None and not by_name["Lanczos"].is_model
     assert (by_name["R-ESRGAN 2x+"].scale, by_name["R-ESRGAN 2x+"].arch) == (2, "ESRGAN")
     assert by_name["realesrgan-1x"].scale == 1
     assert by_name["SwinIR_4x"].path.name == "SwinIR_4x.pth"
+    assert (by_name["HAT_SRx2"].arch, by_name["HAT_SRx2"].scale) == ("HAT", 2)
+    assert (by_name["DAT_x2"].arch, by_name["DAT_x2"].scale) == ("DAT", 2)
+    assert by_name["R-ESRGAN General 4xV3"].arch == "RealESRGAN Compact"
 
 
 def test_registry_find_and_typos(registry: UpscalerRegistry) -> None:

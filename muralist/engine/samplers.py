@@ -27,66 +27,83 @@ BASE_SCHEDULER_CONFIG: dict[str, Any] = {
 @dataclass(frozen=True)
 class Sampler:
     name: str
-    cls: str  # diffusers scheduler class name
+    # k-diffusion-style sampler: a function name in ksampling/ksolvers. Otherwise a diffusers
+    # scheduler class (A1111's timestep samplers DDIM, PLMS, UniPC and LCM).
+    func: str | None = None
+    cls: str | None = None
     aliases: tuple[str, ...] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
+    # A1111's 'scheduler' option: the schedule type "Automatic" means for this sampler.
     default_schedule: str = "uniform"
-    # k-diffusion samplers space timesteps like k-diffusion ("linspace"); DDIM/PLMS like CompVis.
+    # A1111's options: drop the next-to-last sigma (DPM2, DPM2 a, 3M SDE); Brownian-tree noise
+    # seeded per image (the DPM++ SDE family); the schedule is the sampler's own (DPM fast/adaptive).
+    discard_penultimate: bool = False
+    brownian: bool = False
+    own_schedule: bool = False
+    # diffusers samplers: DDIM/PLMS space timesteps like CompVis ("leading").
     spacing: str = "linspace"
-    # Whether the diffusers scheduler takes a custom sigma schedule (Karras, exponential, beta).
-    custom_sigmas: bool = True
+    # A1111's sampler_extra_params: the options (besides eta) this sampler takes from the job.
+    extra: tuple[str, ...] = ()
+    # A1111's second_order: prompt schedules count two model calls per step (steps * 2).
+    second_order: bool = False
+
+    def prompt_steps(self, steps: int) -> int:
+        """The step count A1111 builds prompt-editing schedules for (its SamplerData.total_steps)."""
+        return steps * 2 if self.second_order else steps
+
+    @property
+    def is_k(self) -> bool:
+        return self.func is not None
 
 
+CHURN = ("s_churn", "s_tmin", "s_tmax", "s_noise")
+NOISE = ("s_noise",)
+# A1111 v1.10's samplers, in its order, with its aliases and per-sampler options.
 SAMPLERS: list[Sampler] = [
-    Sampler("DPM++ 2M", "DPMSolverMultistepScheduler", ("k_dpmpp_2m",), {}, "karras"),
-    Sampler("DPM++ SDE", "DPMSolverSDEScheduler", ("k_dpmpp_sde",), {}, "karras"),
-    Sampler("DPM++ 2M SDE", "DPMSolverMultistepScheduler", ("k_dpmpp_2m_sde",), {"algorithm_type": "sde-dpmsolver++"}, "exponential"),
-    Sampler(
-        "DPM++ 2M SDE Heun",
-        "DPMSolverMultistepScheduler",
-        ("k_dpmpp_2m_sde_heun",),
-        {"algorithm_type": "sde-dpmsolver++", "solver_type": "heun"},
-        "exponential",
-    ),
-    Sampler(
-        "DPM++ 3M SDE",
-        "DPMSolverMultistepScheduler",
-        ("k_dpmpp_3m_sde",),
-        {"algorithm_type": "sde-dpmsolver++", "solver_order": 3},
-        "exponential",
-    ),
-    Sampler("Euler a", "EtaEulerAncestral", ("k_euler_a", "k_euler_ancestral"), custom_sigmas=False),
-    Sampler("Euler", "EulerDiscreteScheduler", ("k_euler",)),
-    Sampler("LMS", "LMSDiscreteScheduler", ("k_lms",)),
-    Sampler("Heun", "HeunDiscreteScheduler", ("k_heun",)),
-    Sampler("DPM2", "KDPM2DiscreteScheduler", ("k_dpm_2",), {}, "karras"),
-    Sampler("DPM2 a", "KDPM2AncestralDiscreteScheduler", ("k_dpm_2_a",), {}, "karras"),
-    Sampler("DDIM", "DDIMScheduler", ("ddim",), {}, "uniform", "leading", False),
-    Sampler("PLMS", "PNDMScheduler", ("plms",), {"skip_prk_steps": True}, "uniform", "leading", False),
-    Sampler("UniPC", "UniPCMultistepScheduler", ("unipc",)),
-    Sampler("LCM", "LCMScheduler", ("lcm",), {}, "uniform", "leading", False),
+    Sampler("DPM++ 2M", "sample_dpmpp_2m", aliases=("k_dpmpp_2m",), default_schedule="karras"),
+    Sampler("DPM++ SDE", "sample_dpmpp_sde", aliases=("k_dpmpp_sde",), default_schedule="karras", brownian=True, extra=NOISE, second_order=True),
+    Sampler("DPM++ 2M SDE", "sample_dpmpp_2m_sde", aliases=("k_dpmpp_2m_sde",), default_schedule="exponential",
+            brownian=True, extra=NOISE),
+    Sampler("DPM++ 2M SDE Heun", "sample_dpmpp_2m_sde", aliases=("k_dpmpp_2m_sde_heun",), kwargs={"solver_type": "heun"},
+            default_schedule="exponential", brownian=True, extra=NOISE),
+    Sampler("DPM++ 2S a", "sample_dpmpp_2s_ancestral", aliases=("k_dpmpp_2s_a",), default_schedule="karras", extra=NOISE, second_order=True),
+    Sampler("DPM++ 3M SDE", "sample_dpmpp_3m_sde", aliases=("k_dpmpp_3m_sde",), default_schedule="exponential",
+            discard_penultimate=True, brownian=True, extra=NOISE),
+    Sampler("Euler a", "sample_euler_ancestral", aliases=("k_euler_a", "k_euler_ancestral")),
+    Sampler("Euler", "sample_euler", aliases=("k_euler",), extra=CHURN),
+    Sampler("LMS", "sample_lms", aliases=("k_lms",)),
+    Sampler("Heun", "sample_heun", aliases=("k_heun",), extra=CHURN, second_order=True),
+    Sampler("DPM2", "sample_dpm_2", aliases=("k_dpm_2",), default_schedule="karras", discard_penultimate=True, extra=CHURN, second_order=True),
+    Sampler("DPM2 a", "sample_dpm_2_ancestral", aliases=("k_dpm_2_a",), default_schedule="karras", discard_penultimate=True, extra=NOISE, second_order=True),
+    Sampler("DPM fast", "sample_dpm_fast", aliases=("k_dpm_fast",), own_schedule=True, extra=NOISE),
+    Sampler("DPM adaptive", "sample_dpm_adaptive", aliases=("k_dpm_ad",), own_schedule=True),
+    Sampler("Restart", "sample_restart", aliases=("restart",), default_schedule="karras", second_order=True),
+    Sampler("DDIM", cls="DDIMScheduler", aliases=("ddim",), spacing="leading"),
+    Sampler("PLMS", cls="PNDMScheduler", aliases=("plms",), kwargs={"skip_prk_steps": True}, spacing="leading"),
+    Sampler("UniPC", cls="UniPCMultistepScheduler", aliases=("unipc",)),
+    Sampler("LCM", cls="LCMScheduler", aliases=("lcm", "k_lcm"), spacing="leading"),
 ]
 SAMPLERS_BY_NAME = {s.name: s for s in SAMPLERS}
 
-# A1111's schedule types: name -> (label, aliases, diffusers options). None: not available here.
-SCHEDULES: dict[str, tuple[str, tuple[str, ...], dict[str, Any] | None]] = {
-    "automatic": ("Automatic", (), {}),
-    "uniform": ("Uniform", (), {}),
-    "karras": ("Karras", (), {"use_karras_sigmas": True}),
-    "exponential": ("Exponential", (), {"use_exponential_sigmas": True}),
-    "polyexponential": ("Polyexponential", (), None),
-    "sgm_uniform": ("SGM Uniform", ("SGMUniform",), {"timestep_spacing": "trailing"}),
-    "kl_optimal": ("KL Optimal", (), None),
-    "align_your_steps": ("Align Your Steps", (), None),
-    "simple": ("Simple", (), {"timestep_spacing": "trailing"}),
-    "normal": ("Normal", (), {"timestep_spacing": "linspace"}),
-    "ddim": ("DDIM", (), {"timestep_spacing": "leading"}),
-    "beta": ("Beta", (), {"use_beta_sigmas": True}),
+# A1111's schedule types: key -> (label, aliases, default rho or None, needs the model's own levels).
+SCHEDULES: dict[str, tuple[str, tuple[str, ...], float | None, bool]] = {
+    "automatic": ("Automatic", (), None, False),
+    "uniform": ("Uniform", (), None, True),
+    "karras": ("Karras", (), 7.0, False),
+    "exponential": ("Exponential", (), None, False),
+    "polyexponential": ("Polyexponential", (), 1.0, False),
+    "sgm_uniform": ("SGM Uniform", ("SGMUniform",), None, True),
+    "kl_optimal": ("KL Optimal", (), None, False),
+    "align_your_steps": ("Align Your Steps", (), None, False),
+    "simple": ("Simple", (), None, True),
+    "normal": ("Normal", (), None, True),
+    "ddim": ("DDIM", (), None, True),
+    "beta": ("Beta", (), None, True),
 }
-SUPPORTED_SCHEDULES = [k for k, v in SCHEDULES.items() if v[2] is not None]
+SUPPORTED_SCHEDULES = list(SCHEDULES)
 
-# Samplers A1111 has that diffusers has no faithful equivalent for: say so instead of substituting.
-UNSUPPORTED = {"DPM++ 2S a", "DPM fast", "DPM adaptive", "Restart", "DDIM CFG++", "Euler a CFG++"}
+# A1111 samplers muralist does not have: say so instead of substituting.
+UNSUPPORTED = {"DDIM CFG++", "Euler a CFG++"}
 
 
 def _norm(s: str) -> str:
@@ -113,13 +130,8 @@ def find_schedule(name: str | None) -> str:
     if not name:
         return "automatic"
     key = _norm(name)
-    for k, (label, aliases, _) in SCHEDULES.items():
+    for k, (label, aliases, _, _) in SCHEDULES.items():
         if key in (_norm(k), _norm(label), *(_norm(a) for a in aliases)):
-            if SCHEDULES[k][2] is None:
-                raise InvalidRequestError(
-                    f"schedule type {label!r} is not available in muralist; choose one of: "
-                    + ", ".join(SCHEDULES[s][0] for s in SUPPORTED_SCHEDULES)
-                )
             return k
     raise not_found("schedule type", name, [SCHEDULES[s][0] for s in SUPPORTED_SCHEDULES])
 
@@ -128,8 +140,8 @@ def split_legacy_name(sampler: str | None, schedule: str | None) -> tuple[str | 
     """A1111's legacy combined names: "DPM++ 2M Karras" -> ("DPM++ 2M", "Karras")."""
     if not sampler or (schedule and _norm(schedule) != "automatic"):
         return sampler, schedule
-    for k, (label, _, opts) in SCHEDULES.items():
-        if k != "automatic" and opts is not None and sampler.lower().endswith(" " + label.lower()):
+    for k, (label, *_rest) in SCHEDULES.items():
+        if k != "automatic" and sampler.lower().endswith(" " + label.lower()):
             base = sampler[: -len(label) - 1]
             if any(_norm(base) == _norm(s.name) for s in SAMPLERS):
                 return base, label
@@ -138,27 +150,43 @@ def split_legacy_name(sampler: str | None, schedule: str | None) -> tuple[str | 
 
 @dataclass(frozen=True)
 class SamplerChoice:
-    """A resolved sampler + schedule type; ``make()`` builds a fresh scheduler for one run."""
+    """A resolved sampler + schedule type.
+
+    k-diffusion samplers take their sigmas from ``sigmas()``; the diffusers ones (DDIM, PLMS, UniPC,
+    LCM) build a fresh scheduler per run with ``make()`` and, as A1111's timestep samplers, keep their
+    own timesteps whatever the schedule type.
+    """
 
     sampler: Sampler
     schedule: str  # resolved key, never "automatic"
+    requested: str = "automatic"  # what the caller asked for ("automatic" when left to the sampler)
 
     @property
     def schedule_label(self) -> str:
         return SCHEDULES[self.schedule][0]
 
+    def sigmas(self, steps: int, model_sigmas: Any, sdxl: bool = False) -> Any:
+        """The sigma schedule for ``steps`` steps, with A1111's next-to-last-sigma rule applied."""
+        import torch
+
+        from .ksampling import schedule_sigmas
+
+        n = steps + 1 if self.sampler.discard_penultimate else steps
+        sig = schedule_sigmas(self.schedule, n, model_sigmas, sdxl)
+        if self.sampler.discard_penultimate:
+            sig = torch.cat([sig[:-2], sig[-1:]])
+        return sig
+
     def make(self, prediction_type: str = "epsilon", seeds: list[int] | None = None) -> Any:
         import diffusers
 
-        cls = _own_schedulers().get(self.sampler.cls) or getattr(diffusers, self.sampler.cls)
+        if self.sampler.cls is None:
+            raise ValueError(f"{self.sampler.name} is a k-diffusion sampler: it has no diffusers scheduler")
+        cls = getattr(diffusers, self.sampler.cls)
         params = inspect.signature(cls.__init__).parameters
         cfg = dict(BASE_SCHEDULER_CONFIG, prediction_type=prediction_type, **self.sampler.kwargs)
         if "timestep_spacing" in params:
             cfg["timestep_spacing"] = self.sampler.spacing
-        cfg.update(SCHEDULES[self.schedule][2] or {})
-        if "noise_sampler_seed" in params and seeds is not None:
-            # DPM++ SDE's Brownian tree: one tree per image, seeded by that image's seed (A1111).
-            cfg["noise_sampler_seed"] = list(seeds)
         return cls.from_config({k: v for k, v in cfg.items() if k in params})
 
 
@@ -166,67 +194,6 @@ def resolve(sampler: str | None, schedule: str | None = None) -> SamplerChoice:
     """Resolve names as A1111 does, including legacy names such as "DPM++ 2M Karras"."""
     sampler, schedule = split_legacy_name(sampler, schedule)
     s = find_sampler(sampler)
-    key = find_schedule(schedule)
-    if key == "automatic":
-        key = s.default_schedule
-    opts = SCHEDULES[key][2] or {}
-    if not s.custom_sigmas and any(o.startswith("use_") for o in opts):
-        raise InvalidRequestError(
-            f"schedule type {SCHEDULES[key][0]!r} is not available with sampler {s.name!r}; "
-            "use Automatic, Uniform, SGM Uniform, Simple, Normal or DDIM"
-        )
-    return SamplerChoice(s, key)
-
-
-_OWN: dict[str, Any] = {}
-
-
-def _own_schedulers() -> dict[str, Any]:
-    """Schedulers muralist extends (built on first use: diffusers is a heavy import)."""
-    if not _OWN:
-        from diffusers import EulerAncestralDiscreteScheduler
-        from diffusers.utils.torch_utils import randn_tensor
-
-        class EtaEulerAncestral(EulerAncestralDiscreteScheduler):
-            """Euler a with A1111's ``eta`` (eta_ancestral) and ``s_noise``.
-
-            k-diffusion's ancestral step: from sigma to sigma_next, the noise added back is
-            ``sigma_up = min(sigma_next, eta * sqrt(sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2))``,
-            the deterministic Euler step goes to ``sigma_down = sqrt(sigma_next^2 - sigma_up^2)``, and
-            the new noise is scaled by ``s_noise``. At eta 1 and s_noise 1 this is diffusers' own step,
-            which is used unchanged; eta 0 is plain Euler.
-            """
-
-            def step(self, model_output: Any, timestep: Any, sample: Any, generator: Any = None, return_dict: bool = True,
-                     eta: float = 1.0, s_noise: float = 1.0) -> Any:
-                if eta == 1.0 and s_noise == 1.0:
-                    return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
-                import torch
-
-                if self.step_index is None:
-                    self._init_step_index(timestep)
-                sigma, sigma_next = self.sigmas[self.step_index], self.sigmas[self.step_index + 1]
-                x = sample.to(torch.float32)
-                if self.config.prediction_type == "v_prediction":
-                    denoised = model_output * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
-                else:
-                    denoised = x - sigma * model_output
-                sigma_up = torch.clamp(eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5, max=sigma_next)
-                sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
-                x = x + (x - denoised) / sigma * (sigma_down - sigma)
-                if sigma_next > 0:
-                    noise = randn_tensor(model_output.shape, dtype=model_output.dtype, device=model_output.device,
-                                         generator=generator)
-                    x = x + noise * s_noise * sigma_up
-                self._step_index += 1
-                out = x.to(model_output.dtype)
-                if not return_dict:
-                    return out, denoised
-                from diffusers.schedulers.scheduling_euler_ancestral_discrete import (
-                    EulerAncestralDiscreteSchedulerOutput,
-                )
-
-                return EulerAncestralDiscreteSchedulerOutput(prev_sample=out, pred_original_sample=denoised)
-
-        _OWN["EtaEulerAncestral"] = EtaEulerAncestral
-    return _OWN
+    requested = find_schedule(schedule)
+    key = s.default_schedule if requested == "automatic" else requested
+    return SamplerChoice(s, key, requested)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -111,17 +112,38 @@ def _tiling(modules: list[torch.nn.Module], enabled: bool) -> Iterator[None]:
             c.padding_mode = mode
 
 
-def _step_kwargs(scheduler: Any, generators: list[torch.Generator], eta: float | None,
-                 s_noise: float | None = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class SamplingOptions:
+    """A1111's sampler options of one job; None means A1111's default for the sampler."""
+
+    eta: float | None = None
+    s_noise: float | None = None
+    s_churn: float | None = None
+    s_tmin: float | None = None
+    s_tmax: float | None = None
+    sgm_noise_multiplier: bool = False
+
+    @classmethod
+    def of(cls, req: GenerationRequest) -> SamplingOptions:
+        return cls(req.eta, req.s_noise, req.s_churn, req.s_tmin, req.s_tmax, req.sgm_noise_multiplier)
+
+    def kwargs_for(self, fn: Callable[..., Any], extra: tuple[str, ...]) -> dict[str, Any]:
+        """What A1111 passes a k-diffusion sampler function: eta where it takes one (default 1, the
+        eta_ancestral option) and the sampler's own extra params, s_tmax 0 meaning no upper limit."""
+        values = {"eta": 1.0 if self.eta is None else self.eta, "s_noise": 1.0 if self.s_noise is None else self.s_noise,
+                  "s_churn": self.s_churn or 0.0, "s_tmin": self.s_tmin or 0.0, "s_tmax": self.s_tmax or math.inf}
+        params = inspect.signature(fn).parameters
+        return {k: v for k, v in values.items() if k in params and (k == "eta" or k in extra)}
+
+
+def _step_kwargs(scheduler: Any, generators: list[torch.Generator], eta: float | None) -> dict[str, Any]:
     params = inspect.signature(scheduler.step).parameters
     kw: dict[str, Any] = {}
     if "generator" in params:
-        # One CPU generator per image: ancestral noise doesn't depend on the batch (A1111).
+        # One CPU generator per image: step noise doesn't depend on the batch (A1111).
         kw["generator"] = generators
     if "eta" in params and eta is not None:
         kw["eta"] = eta
-    if "s_noise" in params and s_noise is not None:
-        kw["s_noise"] = s_noise
     return kw
 
 
@@ -136,20 +158,119 @@ def fixed_steps(steps: int, strength: float) -> int:
     return int(steps / min(strength, 0.999)) if strength > 0 else steps
 
 
+def img2img_steps(choice: samplers.SamplerChoice, steps: int, strength: float, fix_steps: bool) -> tuple[int, int]:
+    """(schedule length, steps run) of an img2img pass, as A1111 counts them.
+
+    k-diffusion samplers enter a schedule of ``steps`` (or, with fixed steps, a longer one) at index
+    ``steps - t_enc - 1`` and so run t_enc + 1 steps; the timestep samplers run t_enc.
+    """
+    if fix_steps:
+        sched, t_enc = fixed_steps(steps, strength), steps - 1
+    else:
+        sched, t_enc = steps, int(min(strength, 0.999) * steps)
+    if choice.sampler.is_k:
+        return sched, t_enc + 1
+    return sched, max(1, min(t_enc if not fix_steps else steps, sched))
+
+
 def _sdxl_time_ids(height: int, width: int, n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     # original size, crop top-left, target size: A1111 uses the generation size for both.
     ids = torch.tensor([height, width, 0, 0, height, width], dtype=dtype, device=device)
     return ids.repeat(n, 1)
 
 
+class _Stop(Exception):
+    """Raised inside a sampler when the job is interrupted or skipped: the loop ends where it is."""
+
+
+_MODEL_SIGMAS: list[Any] = []
+
+
+def model_sigmas() -> Any:
+    """The training noise levels of SD1/SD2/SDXL (all share one beta schedule); built once."""
+    if not _MODEL_SIGMAS:
+        from .ksampling import ModelSigmas
+
+        _MODEL_SIGMAS.append(ModelSigmas())
+    return _MODEL_SIGMAS[0]
+
+
+class _GuidedUNet:
+    """One guided model evaluation: every prompt part and the negative prompt through the UNet,
+    combined as A1111 does: ``uncond + sum(w_i * cfg * (cond_i - uncond))``.
+
+    Conditionings of different lengths (prompt and negative prompt without "Pad prompt/negative
+    prompt") go through the UNet in separate calls, as in A1111.
+    """
+
+    def __init__(self, model: LoadedModel, conds: JobConditioning, cfg_scale: float, size: tuple[int, int],
+                 image_cond: torch.Tensor | None, controls: Callable[..., dict[str, Any]] | None) -> None:
+        self.model, self.conds, self.cfg_scale, self.size = model, conds, cfg_scale, size
+        self.image_cond, self.controls = image_cond, controls
+        self._built_for: tuple[int, ...] | None = None
+        self._groups: list[tuple[list[int], torch.Tensor, dict[str, Any] | None, int]] = []
+
+    def _build(self, call: int, b: int) -> None:
+        parts, uncond = self.conds.at(call)
+        key = (*(id(c) for c, _ in parts), id(uncond))
+        if key == self._built_for:
+            return
+        self._built_for = key
+        model, dev, dtype = self.model, self.model.device, self.model.dtype
+        self.weights = [w for _, w in parts]
+        # At CFG 1 with one plain prompt the negative prompt has no effect: skip its UNet pass.
+        self.guided = not (len(parts) == 1 and self.cfg_scale * self.weights[0] == 1.0)
+        sources = ([uncond] if self.guided else []) + [c for c, _ in parts]
+        by_len: dict[int, list[int]] = {}
+        for i, c in enumerate(sources):
+            by_len.setdefault(c.context.shape[1], []).append(i)
+        self._groups = []
+        for idx in by_len.values():
+            context = torch.cat([sources[i].context.repeat(b, 1, 1) for i in idx]).to(dev, dtype)
+            added = None
+            if model.family is Family.SDXL:
+                h, w = self.size
+                pooled = torch.cat([sources[i].pooled.repeat(b, 1) for i in idx])
+                added = {"text_embeds": pooled.to(dev, dtype), "time_ids": _sdxl_time_ids(h, w, context.shape[0], dev, dtype)}
+            self._groups.append((idx, context, added, b if (self.guided and 0 in idx) else 0))
+        self._n_sources = len(sources)
+
+    def __call__(self, x: torch.Tensor, t: Any, call: int, pct: float) -> torch.Tensor:
+        """The combined model output (eps or v, float32) for UNet input ``x`` at timestep ``t``."""
+        b = x.shape[0]
+        self._build(call, b)
+        outs: list[torch.Tensor | None] = [None] * self._n_sources
+        for idx, context, added, uncond_rows in self._groups:
+            xin = torch.cat([x] * len(idx)) if len(idx) > 1 else x
+            residuals: dict[str, Any] = {}
+            if self.controls is not None:  # ControlNet units active now add to the UNet's skip connections
+                residuals = self.controls(xin.to(self.model.dtype), t, context, added, pct, uncond_rows)
+            if self.image_cond is not None:
+                ic = self.image_cond.to(xin.device, xin.dtype)
+                xin = torch.cat([xin, torch.cat([ic] * len(idx)) if len(idx) > 1 else ic], dim=1)
+            with torch.inference_mode():
+                out = self.model.unet(xin.to(self.model.dtype), t, encoder_hidden_states=context, added_cond_kwargs=added,
+                                      return_dict=False, **residuals)[0].float()
+            for j, i in enumerate(idx):
+                outs[i] = out[j * b : (j + 1) * b]
+        if not self.guided:
+            return outs[0]
+        uncond = outs[0]
+        combined = uncond.clone()
+        for j, w in enumerate(self.weights):
+            combined += (outs[j + 1] - uncond) * (w * self.cfg_scale)
+        return combined
+
+
 def sample(
     model: LoadedModel,
-    scheduler: Any,
+    choice: samplers.SamplerChoice,
+    rng: ImageNoise,
     noise: torch.Tensor,
     conds: JobConditioning,
     cfg_scale: float,
     steps: int,
-    step_kwargs: dict[str, Any],
+    options: SamplingOptions,
     size: tuple[int, int],
     control: JobControl | None = None,
     on_step: Callable[[int, torch.Tensor], None] | None = None,
@@ -162,11 +283,102 @@ def sample(
 ) -> torch.Tensor:
     """The denoising loop with classifier-free guidance and composable (AND) prompts.
 
-    Returns the final latents (float32). The combination is A1111's:
-    ``uncond + sum(w_i * cfg * (cond_i - uncond))``. ``image_cond`` (mask + masked-image
-    latents) is appended to the UNet input of inpainting models.
+    Returns the final latents (float32). ``image_cond`` (mask + masked-image latents) is appended to
+    the UNet input of inpainting models; ``latent_mask`` (1 = repaint) keeps the rest of
+    ``init_latent`` for ordinary models. ``rng`` gives the per-image step noise.
     """
-    dev, dtype = model.device, model.dtype
+    guided = _GuidedUNet(model, conds, cfg_scale, size, image_cond, controls)
+    if choice.sampler.is_k:
+        return _sample_k(model, choice, rng, noise, guided, steps, options, control, on_step, init_latent, strength,
+                         latent_mask, fix_steps)
+    return _sample_diffusers(model, choice, rng, noise, guided, steps, options, control, on_step, init_latent, strength,
+                             latent_mask, fix_steps)
+
+
+def _sample_k(model: LoadedModel, choice: samplers.SamplerChoice, rng: ImageNoise, noise: torch.Tensor,
+              guided: _GuidedUNet, steps: int, options: SamplingOptions, control: JobControl | None,
+              on_step: Callable[[int, torch.Tensor], None] | None, init_latent: torch.Tensor | None, strength: float,
+              latent_mask: torch.Tensor | None, fix_steps: bool) -> torch.Tensor:
+    """A k-diffusion-style sampler on A1111's denoiser: x at sigma -> the model's clean-image estimate."""
+    from . import ksampling
+
+    dev = model.device
+    ms = model_sigmas()
+    sdxl = model.family is Family.SDXL
+    noise = noise.to(dev, torch.float32)
+    if init_latent is None:
+        sched_steps, run = steps, steps
+        sigmas = choice.sigmas(steps, ms, sdxl)
+        x = noise * (float((1 + sigmas[0] ** 2) ** 0.5) if options.sgm_noise_multiplier else float(sigmas[0]))
+    else:
+        sched_steps, run = img2img_steps(choice, steps, strength, fix_steps)
+        sigmas = choice.sigmas(sched_steps, ms, sdxl)[sched_steps - run:]
+        init_latent = init_latent.to(dev, torch.float32)
+        x = init_latent + noise * float(sigmas[0])
+    v_pred = model.prediction_type == "v_prediction"
+    state = {"calls": 0, "done": 0, "last": x}
+    keep = None if latent_mask is None or init_latent is None else (init_latent, latent_mask.to(dev, torch.float32))
+
+    def denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        if _stopped(control):
+            raise _Stop()
+        s = float(sigma)
+        t = ms.sigma_to_t(sigma).to(dev, torch.float32)
+        # A1111's step counter for ControlNet: the index of the last finished step (0 on the first two)
+        pct = max(state["done"] - 1, 0) / max(1, run)
+        out = guided(x * (1 / (s * s + 1) ** 0.5), t, state["calls"], pct)
+        state["calls"] += 1
+        if v_pred:
+            denoised = x * (1 / (s * s + 1)) - out * (s / (s * s + 1) ** 0.5)
+        else:
+            denoised = x - out * s
+        if keep is not None:  # outside the mask the prediction is the original image (A1111)
+            denoised = keep[0] * (1 - keep[1]) + denoised * keep[1]
+        return denoised
+
+    def callback(i: int, x: torch.Tensor, denoised: torch.Tensor) -> None:
+        # DPM fast/adaptive take fewer, uneven steps: their progress is counted in model calls
+        done = state["calls"] if choice.sampler.own_schedule else i + 1
+        state["done"], state["last"] = done, denoised
+        if on_step is not None:
+            on_step(min(done, run), denoised)
+
+    if choice.sampler.brownian:
+        positive = sigmas[sigmas > 0]
+        noise_fn: ksampling.NoiseSampler = ksampling.BrownianNoise(x, float(positive.min()), float(sigmas.max()), rng.seeds)
+    else:
+        def noise_fn(sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+            return rng.next().to(dev, torch.float32)
+
+    fn = getattr(ksampling, choice.sampler.func, None)
+    if fn is None:
+        from . import ksolvers
+
+        fn = getattr(ksolvers, choice.sampler.func)
+    kwargs = dict(choice.sampler.kwargs, **options.kwargs_for(fn, choice.sampler.extra))
+    params = inspect.signature(fn).parameters
+    try:
+        if "sigma_min" in params:  # DPM fast/adaptive choose their own steps between two sigmas
+            lo, hi = (ms.sigma_min, ms.sigma_max) if init_latent is None else (float(sigmas[-2]), float(sigmas[0]))
+            args = (lo, hi, run) if "n" in params else (lo, hi)
+            x = fn(denoiser, x, *args, noise_fn, callback, **kwargs)
+        else:
+            x = fn(denoiser, x, sigmas, noise_fn, callback, **kwargs)
+    except _Stop:
+        x = state["last"]  # A1111 keeps the last prediction of an interrupted run
+    if keep is not None:
+        x = keep[0] * (1 - keep[1]) + x * keep[1]
+    return x
+
+
+def _sample_diffusers(model: LoadedModel, choice: samplers.SamplerChoice, rng: ImageNoise, noise: torch.Tensor,
+                      guided: _GuidedUNet, steps: int, options: SamplingOptions, control: JobControl | None,
+                      on_step: Callable[[int, torch.Tensor], None] | None, init_latent: torch.Tensor | None,
+                      strength: float, latent_mask: torch.Tensor | None, fix_steps: bool) -> torch.Tensor:
+    """A1111's timestep samplers (DDIM, PLMS, UniPC, LCM) on diffusers' schedulers."""
+    dev = model.device
+    scheduler = choice.make(model.prediction_type, rng.seeds)
+    step_kwargs = _step_kwargs(scheduler, rng.generators, options.eta)
     # img2img: run the last int(steps * strength) steps of the schedule from the noised image, or
     # with fix_steps exactly `steps` steps of a longer schedule (A1111).
     sched_steps = fixed_steps(steps, strength) if init_latent is not None and fix_steps else steps
@@ -183,48 +395,14 @@ def sample(
             scheduler.set_begin_index(start)
         init_latent = init_latent.to(dev, torch.float32)
         latents = scheduler.add_noise(init_latent, noise, timesteps[:1])
-    b = latents.shape[0]
-    built_for: tuple[int, ...] | None = None
+    order = getattr(scheduler, "order", 1)
+    n_run = max(1, -(-len(timesteps) // order))
     for i, t in enumerate(timesteps):
         if _stopped(control):
             break
-        parts, uncond = conds.at(i)
-        key = (*(id(c) for c, _ in parts), id(uncond))
-        if key != built_for:  # rebuild the UNet inputs only where the schedule changes
-            built_for = key
-            weights = [w for _, w in parts]
-            # At CFG 1 with one plain prompt the negative prompt has no effect: skip its UNet pass.
-            guided = not (len(parts) == 1 and cfg_scale * weights[0] == 1.0)
-            sources = ([uncond] if guided else []) + [c for c, _ in parts]
-            context = torch.cat([c.context.repeat(b, 1, 1) for c in sources]).to(dev, dtype)
-            added = None
-            if model.family is Family.SDXL:
-                h, w = size
-                pooled = torch.cat([c.pooled.repeat(b, 1) for c in sources])
-                added = {
-                    "text_embeds": pooled.to(dev, dtype),
-                    "time_ids": _sdxl_time_ids(h, w, context.shape[0], dev, dtype),
-                }
-        n = context.shape[0] // b
-        x = scheduler.scale_model_input(torch.cat([latents] * n) if n > 1 else latents, t)
-        residuals: dict[str, Any] = {}
-        if controls is not None:  # ControlNet units active at this step add to the UNet's skip connections
-            # A1111's step counter: the index of the last finished step (0 on the first two steps).
-            order = getattr(scheduler, "order", 1)
-            n_run = max(1, -(-len(timesteps) // order))
-            residuals = controls(x.to(dtype), t, context, added, max(i // order - 1, 0) / n_run, b if guided else 0)
-        if image_cond is not None:
-            x = torch.cat([x, torch.cat([image_cond] * n).to(x.device, x.dtype)], dim=1)
-        with torch.inference_mode():
-            out = model.unet(x.to(dtype), t, encoder_hidden_states=context, added_cond_kwargs=added, return_dict=False,
-                             **residuals)[0]
-        out = out.float()
-        if guided:
-            out_uncond = out[:b]
-            combined = out_uncond.clone()
-            for j, w in enumerate(weights):
-                combined += (out[(j + 1) * b : (j + 2) * b] - out_uncond) * (w * cfg_scale)
-            out = combined
+        x = scheduler.scale_model_input(latents, t)
+        # A1111's step counter for ControlNet: the index of the last finished step (0 on the first two).
+        out = guided(x, t, i, max(i // order - 1, 0) / n_run)
         latents = scheduler.step(out, t, latents, **step_kwargs, return_dict=False)[0]
         if latent_mask is not None and init_latent is not None:
             # Outside the mask the latents follow the original image, noised to the next step.
@@ -266,13 +444,23 @@ def infotext_params(
     subseed: int,
     model_id: Identity,
     vae_id: Identity | None,
+    conds: list[JobConditioning] | tuple[JobConditioning, ...] = (),
 ) -> dict[str, Any]:
-    """The infotext keys of one image, as A1111 writes them (order is applied by build_infotext)."""
+    """The infotext keys of one image, as A1111 v1.10 writes them (order is applied by build_infotext).
+
+    ``conds``: the job's conditionings (first pass, hires pass), for "Emphasis" and "Pad conds".
+    Floats stay floats, so they are written as A1111 writes them ("CFG scale: 7.0").
+    """
+    from ..infotext import sampler_params, uses_ensd
+    from .conditioning import infotext_of
+
+    # A1111 derives "Schedule type" from the schedule type asked for, per sampler (sampler_params).
+    asked_label = samplers.SCHEDULES[choice.requested][0]
+    name = choice.sampler.name
     params: dict[str, Any] = {
         "Steps": req.steps,
-        "Sampler": choice.sampler.name,
-        "Schedule type": choice.schedule_label,
-        "CFG scale": f"{req.cfg_scale:g}",
+        "Sampler": name,
+        "CFG scale": float(req.cfg_scale),
         "Seed": seed,
         "Size": f"{req.width}x{req.height}",
         "Model hash": model_id.shorthash or None,
@@ -280,19 +468,21 @@ def infotext_params(
         "VAE hash": vae_id.shorthash if vae_id else None,
         "VAE": vae_id.name if vae_id else None,
         "Variation seed": subseed if req.subseed_strength else None,
-        "Variation seed strength": f"{req.subseed_strength:g}" if req.subseed_strength else None,
+        "Variation seed strength": float(req.subseed_strength) if req.subseed_strength else None,
         "Seed resize from": (
             f"{req.seed_resize_from_w}x{req.seed_resize_from_h}"
             if req.seed_resize_from_w > 0 and req.seed_resize_from_h > 0
             else None
         ),
         "Clip skip": req.clip_skip if req.clip_skip > 1 else None,
-        "ENSD": req.eta_noise_seed_delta or None,
+        "ENSD": req.eta_noise_seed_delta if req.eta_noise_seed_delta and uses_ensd(name, req.eta) else None,
         # A1111 writes RNG only when it is not its default, GPU.
         "RNG": RNG_SOURCE if req.randn_source == "CPU" else None,
         "Tiling": "True" if req.tiling else None,
-        "Eta": f"{req.eta:g}" if req.eta is not None else None,
-        "Sigma noise": f"{req.s_noise:g}" if req.s_noise not in (None, 1.0) else None,
+        **sampler_params(name, asked_label, eta=req.eta, s_churn=req.s_churn, s_tmin=req.s_tmin, s_tmax=req.s_tmax,
+                         s_noise=req.s_noise, sgm_noise_multiplier=req.sgm_noise_multiplier,
+                         txt2img=not req.init_images),
+        **infotext_of(conds),
         "Version": f"muralist {__version__}",
     }
     return params
@@ -429,8 +619,8 @@ def generate_images(
     strength = req.denoising_strength if req.denoising_strength is not None else (0.75 if img2img else 0.7)
     inpaint_model = model.unet.config.in_channels == 9
     total_steps = req.steps
-    if img2img and not req.img2img_fix_steps:
-        total_steps = max(1, min(int(min(strength, 0.999) * req.steps), req.steps))
+    if img2img:
+        total_steps = img2img_steps(choice, req.steps, strength, req.img2img_fix_steps)[1]
     # A1111's hires pass always runs exactly its steps (a longer schedule, entered at the strength).
     hr_steps = (req.hr_second_pass_steps or req.steps) if req.enable_hr else 0
     controls = controls or []
@@ -450,8 +640,9 @@ def generate_images(
         phase = "low" if req.enable_hr else None
         low_hook, hr_hook = ControlHook(controls, phase) or None, ControlHook(controls, "high") or None
     with model.lock, _tiling([model.unet, vae], req.tiling), _loras(model, extras.loras):
-        encoder = PromptEncoder(model, req.clip_skip, extras.embeddings, req.novelai_braces)
-        conds = job_conditioning(encoder, prompt, negative, req.steps)
+        encoder = PromptEncoder(model, req.clip_skip, extras.embeddings, req.novelai_braces, req.emphasis)
+        conds = job_conditioning(encoder, prompt, negative, choice.sampler.prompt_steps(req.steps),
+                                 pad_cond_uncond=req.pad_cond_uncond)
         extra_params: dict[str, Any] = {}
         for i, c in enumerate(controls):
             extra_params[f"ControlNet {i}"] = c.infotext
@@ -467,7 +658,6 @@ def generate_images(
             rng = ImageNoise(batch_seeds, batch_subseeds, req.subseed_strength, req.seed_resize_from_h, req.seed_resize_from_w,
                              shape=latent_shape, **_noise_options(model, req))
             noise = rng.first()
-            scheduler = choice.make(model.prediction_type, batch_seeds)
 
             def on_step(step: int, latents: torch.Tensor, n: int = n, offset: int = 0) -> None:
                 if progress is not None:
@@ -495,8 +685,7 @@ def generate_images(
             for c in controls:
                 c.set_size(req.width, req.height, model.device, model.dtype)
             latents = sample(
-                model, scheduler, noise, conds, req.cfg_scale, req.steps, _step_kwargs(scheduler, rng.generators, req.eta, req.s_noise),
-                (req.height, req.width), control, on_step, image_cond, init_latent, strength if img2img else 1.0,
+                model, choice, rng, noise, conds, req.cfg_scale, req.steps, SamplingOptions.of(req), (req.height, req.width), control, on_step, image_cond, init_latent, strength if img2img else 1.0,
                 None if inpaint_model else latent_mask, req.img2img_fix_steps, low_hook,
             )
             if req.enable_hr and not _stopped(control):
@@ -527,7 +716,7 @@ def generate_images(
                 "TI hashes": _hash_list([(e.name, e.shorthash) for e in encoder.used_embeddings.values()]),
             }
             for img, seed, subseed in zip(images, batch_seeds, batch_subseeds, strict=True):
-                params = infotext_params(req, choice, seed, subseed, model_id, vae_id)
+                params = infotext_params(req, choice, seed, subseed, model_id, vae_id, conds=(conds,))
                 params.update(extra_params)
                 params.update(lora_ti)
                 result.images.append(img)
@@ -581,36 +770,44 @@ def _hires_pass(model: LoadedModel, vae: Any, req: GenerationRequest, choice: sa
     hr_prompt, _ = extract_extra_networks(req.hr_prompt) if req.hr_prompt else (prompt, [])
     hr_negative, _ = extract_extra_networks(req.hr_negative_prompt) if req.hr_negative_prompt else (negative, [])
     steps = req.hr_second_pass_steps or req.steps
-    hr_conds = conds if (hr_prompt, hr_negative) == (prompt, negative) else job_conditioning(encoder, hr_prompt, hr_negative, steps)
+    hr_conds = conds if (hr_prompt, hr_negative) == (prompt, negative) else job_conditioning(
+        encoder, hr_prompt, hr_negative, choice.sampler.prompt_steps(steps), pad_cond_uncond=req.pad_cond_uncond)
     rng = ImageNoise(seeds, subseeds, req.subseed_strength, shape=(4, h // 8, w // 8), **_noise_options(model, req))
     noise = rng.first()
-    scheduler = choice.make(model.prediction_type, seeds)
     image_cond = None
     if model.unet.config.in_channels == 9:
         image_cond = _inpaint_image_cond(model, vae, decode(vae, init, model.vae_scale), None, init.shape)
-    return sample(model, scheduler, noise, hr_conds, req.cfg_scale, steps, _step_kwargs(scheduler, rng.generators, req.eta, req.s_noise),
-                  (h, w), control, on_step, image_cond, init, strength, fix_steps=True, controls=controls)
+    return sample(model, choice, rng, noise, hr_conds, req.cfg_scale, steps, SamplingOptions.of(req), (h, w), control, on_step, image_cond, init, strength, fix_steps=True, controls=controls)
+
+
+def _written_schedule(choice: samplers.SamplerChoice) -> str | None:
+    """The "Schedule type" A1111 records for a pass: the label it ran when it picked a schedule
+    function (a k-diffusion sampler with a schedule asked for, or a default one), else None."""
+    if choice.sampler.is_k and (choice.requested != "automatic" or choice.sampler.default_schedule != "uniform"):
+        return choice.schedule_label
+    return None
 
 
 def _hires_params(req: GenerationRequest, upscaler: str, strength: float, hr: samplers.SamplerChoice,
                   first: samplers.SamplerChoice) -> dict[str, Any]:
     resized = req.hr_resize_x or req.hr_resize_y
-    w, h = req.hr_size
+    hr_schedule = _written_schedule(hr)
+    first_schedule = _written_schedule(first) or samplers.SCHEDULES[first.requested][0]
     return {
-        "Denoising strength": f"{strength:g}",
-        "Hires upscale": None if resized else f"{req.hr_scale:g}",
-        "Hires resize": f"{w}x{h}" if resized else None,
+        "Denoising strength": float(strength),  # A1111 writes Python floats: 0.7, 1.0
+        "Hires upscale": None if resized else float(req.hr_scale),
+        "Hires resize": f"{req.hr_resize_x}x{req.hr_resize_y}" if resized else None,  # as asked, 0 included
         "Hires steps": req.hr_second_pass_steps or None,
         "Hires upscaler": upscaler,
-        "Hires sampler": hr.sampler.name if hr.sampler.name != first.sampler.name else None,
-        "Hires schedule type": hr.schedule_label if hr.schedule != first.schedule else None,
+        "Hires sampler": req.hr_sampler_name if req.hr_sampler_name and req.hr_sampler_name != req.sampler_name else None,
+        "Hires schedule type": hr_schedule if hr_schedule and hr_schedule != first_schedule else None,
         "Hires prompt": req.hr_prompt or None,
         "Hires negative prompt": req.hr_negative_prompt or None,
     }
 
 
 def _img2img_params(req: GenerationRequest, strength: float) -> dict[str, Any]:
-    params: dict[str, Any] = {"Denoising strength": f"{strength:g}"}
+    params: dict[str, Any] = {"Denoising strength": float(strength)}
     if req.mask is not None:
         params.update({
             "Mask blur": req.mask_blur,

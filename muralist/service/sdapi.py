@@ -32,7 +32,9 @@ OPTION_FIELDS = {"sd_model_checkpoint": "model", "sd_vae": "vae", "CLIP_stop_at_
                  "tiling": "tiling", "eta_noise_seed_delta": "eta_noise_seed_delta", "randn_source": "randn_source",
                  "img2img_fix_steps": "img2img_fix_steps", "upscaler_for_img2img": "upscaler_for_img2img",
                  "samples_format": "samples_format", "jpeg_quality": "jpeg_quality", "webp_lossless": "webp_lossless",
-                 "s_noise": "s_noise"}
+                 "s_noise": "s_noise", "s_churn": "s_churn", "s_tmin": "s_tmin", "s_tmax": "s_tmax",
+                 "sgm_noise_multiplier": "sgm_noise_multiplier", "pad_cond_uncond": "pad_cond_uncond",
+                 "emphasis": "emphasis"}
 FIELD_OPTIONS = {v: k for k, v in OPTION_FIELDS.items()}
 # A1111's option set with its defaults (names and values as its /sdapi/v1/options returns them).
 A1111_OPTIONS: dict[str, Any] = json.loads((Path(__file__).with_name("a1111_options.json")).read_text())
@@ -332,14 +334,24 @@ def install(app: FastAPI, service: Service) -> None:
     def samplers_(user: User = Depends(current_user)) -> list[dict[str, Any]]:
         from ..engine import samplers
 
-        return [{"name": s.name, "aliases": list(s.aliases), "options": {"scheduler": s.default_schedule}} for s in samplers.SAMPLERS]
+        def options(s: Any) -> dict[str, Any]:
+            # A1111's per-sampler options as its /samplers lists them
+            out: dict[str, Any] = {"scheduler": s.default_schedule} if s.default_schedule != "uniform" else {}
+            flags = {"second_order": s.second_order, "discard_next_to_last_sigma": s.discard_penultimate,
+                     "brownian_noise": s.brownian}
+            out.update({k: True for k, v in flags.items() if v})
+            out.update(s.kwargs if s.is_k else {})
+            return out
+
+        return [{"name": s.name, "aliases": list(s.aliases), "options": options(s)} for s in samplers.SAMPLERS]
 
     @r.get("/sdapi/v1/schedulers")
     def schedulers(user: User = Depends(current_user)) -> list[dict[str, Any]]:
         from ..engine import samplers
 
-        return [{"name": k, "label": samplers.SCHEDULES[k][0], "aliases": list(samplers.SCHEDULES[k][1]) or None,
-                 "default_rho": -1, "need_inner_model": False} for k in samplers.SUPPORTED_SCHEDULES]
+        return [{"name": k, "label": label, "aliases": list(aliases) or None,
+                 "default_rho": rho if rho is not None else -1, "need_inner_model": inner}
+                for k, (label, aliases, rho, inner) in samplers.SCHEDULES.items()]
 
     @r.get("/sdapi/v1/loras")
     def loras(user: User = Depends(current_user)) -> list[dict[str, Any]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import re
 import secrets
 import sqlite3
@@ -228,14 +229,20 @@ class _Tx:
 class _SQLite:
     name = "sqlite"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, size: int) -> None:
         self.path = path
         self.integrity_errors: tuple[type[Exception], ...] = (sqlite3.IntegrityError,)
         # BEGIN IMMEDIATE already serializes writers, across processes too; this in-process lock
         # makes threads queue on a mutex instead of in SQLite's sleeping busy handler.
         self._write_lock = threading.Lock()
+        # A few reused connections (opening one runs several PRAGMAs; HTTP servers use a thread per
+        # request). SQLite connections never go stale, so unlike PostgreSQL's they need no checks.
+        self._slots = threading.BoundedSemaphore(size)
+        self._idle: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._closed = False
 
-    def connect(self) -> sqlite3.Connection:
+    def _connect(self) -> sqlite3.Connection:
         # isolation_level=None: we issue BEGIN/COMMIT ourselves. check_same_thread=False: pooled
         # connections move between threads, but only one thread uses a connection at a time.
         conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
@@ -259,8 +266,30 @@ class _SQLite:
         conn.execute("PRAGMA foreign_keys = ON")
         return conn
 
-    def setup(self, conn: Any) -> None:
-        pass
+    @contextmanager
+    def connection(self) -> Iterator[sqlite3.Connection]:
+        with self._slots:
+            with self._lock:
+                if self._closed:
+                    raise RuntimeError("the store is closed")
+                conn = self._idle.pop() if self._idle else None
+            conn = conn or self._connect()
+            try:
+                yield conn
+            finally:
+                with self._lock:
+                    keep = not self._closed and not conn.in_transaction  # still in one: the ROLLBACK failed
+                    if keep:
+                        self._idle.append(conn)
+                if not keep:
+                    _close_quietly(conn)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            _close_quietly(conn)
 
     @staticmethod
     def translate(sql: str) -> str:
@@ -273,39 +302,76 @@ class _SQLite:
         # Deferred transactions that later write can fail at once with SQLITE_BUSY; IMMEDIATE waits.
         conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
 
-    def healthy(self, conn: Any) -> bool:
-        return not conn.in_transaction
-
-    def ping(self, conn: Any) -> bool:
-        return True
-
 
 class _Postgres:
     name = "postgresql"
 
-    def __init__(self, url: str) -> None:
-        import psycopg
+    CONNECT_TIMEOUT = 10  # seconds for one connection attempt
+    # How long a transaction waits for a pooled connection (all busy, or the server unreachable and
+    # the pool reconnecting in the background) before failing with a MuralistError.
+    WAIT_TIMEOUT = 15.0
 
-        self._psycopg = psycopg
+    def __init__(self, url: str, size: int) -> None:
+        import psycopg
+        from psycopg_pool import ConnectionPool
+
         self.url = url
         self.integrity_errors = (psycopg.IntegrityError,)
-        self._lock_keys: dict[str, int] = {}
-
-    def connect(self) -> Any:
+        # The pool logs every checkout at INFO, which would flood `muralist serve`'s log; its warnings
+        # (failed connection attempts) still show. A level someone set on purpose is kept.
+        if (pool_log := logging.getLogger("psycopg.pool")).level == logging.NOTSET:
+            pool_log.setLevel(logging.WARNING)
+        kwargs = {"autocommit": True, "connect_timeout": self.CONNECT_TIMEOUT}
+        # min_size: an API process is idle most of the time; the pool grows to max_size under load
+        # (HTTP threads, dispatchers) and shrinks back after max_idle. check: every checkout runs an
+        # empty query, so a connection the server dropped (restart, pg_terminate_backend, idle
+        # timeout) is replaced before a transaction sees it. reconnect_timeout: the pool's retries
+        # back off exponentially; a short give-up lets the next request start afresh, so the store
+        # recovers within seconds of a long outage instead of minutes.
+        self._pool = ConnectionPool(
+            url, kwargs=kwargs, min_size=min(2, size), max_size=size, open=False, name="muralist",
+            check=ConnectionPool.check_connection, timeout=self.WAIT_TIMEOUT, reconnect_timeout=30.0,
+        )
         try:
-            return self._psycopg.connect(self.url, autocommit=True, connect_timeout=10)
-        except self._psycopg.OperationalError as e:
-            raise MuralistError(f"cannot connect to PostgreSQL at {_redact(self.url)}: {str(e).strip()}") from None
+            # One direct connection first: its error says at once what is wrong (refused, password,
+            # no such database, bad URL), where the pool would only log it and retry until its timeout.
+            with psycopg.connect(url, **kwargs) as conn:
+                self._lock_keys = self._derive_lock_keys(conn)
+            self._pool.open(wait=True, timeout=self.WAIT_TIMEOUT)
+        except psycopg.Error as e:
+            self._pool.close()
+            raise MuralistError(f"cannot connect to PostgreSQL at {_redact(url)}: {str(e).strip()}") from None
 
-    def setup(self, conn: Any) -> None:
+    def _derive_lock_keys(self, conn: Any) -> dict[str, int]:
         # Advisory locks are database-wide; derive their keys from the schema so that stores in
         # different schemas (tests, several deployments in one database) never wait on each other.
         schema = conn.execute("SELECT current_schema()").fetchone()[0]
         if schema is None:
             raise MuralistError(f"PostgreSQL at {_redact(self.url)}: the search_path names no existing schema")
-        for name in ("migrate", "queue"):
-            digest = hashlib.sha256(f"muralist:{schema}:{name}".encode()).digest()
-            self._lock_keys[name] = int.from_bytes(digest[:8], "big", signed=True)
+        return {name: int.from_bytes(hashlib.sha256(f"muralist:{schema}:{name}".encode()).digest()[:8], "big", signed=True)
+                for name in ("migrate", "queue")}
+
+    @contextmanager
+    def connection(self) -> Iterator[Any]:
+        from psycopg_pool import PoolClosed, PoolTimeout
+
+        try:
+            conn = self._pool.getconn()
+        except PoolClosed:
+            raise RuntimeError("the store is closed") from None
+        except PoolTimeout:
+            raise MuralistError(
+                f"no connection to PostgreSQL at {_redact(self.url)} within {self.WAIT_TIMEOUT:g} s: "
+                "is the server running?"
+            ) from None
+        try:
+            yield conn
+        finally:
+            # The pool rolls back a transaction left open and replaces a broken connection.
+            self._pool.putconn(conn)
+
+    def close(self) -> None:
+        self._pool.close()
 
     @staticmethod
     @functools.lru_cache(maxsize=256)
@@ -325,70 +391,9 @@ class _Postgres:
         else:
             conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")  # one snapshot for all reads
 
-    def healthy(self, conn: Any) -> bool:
-        return not conn.closed and conn.info.transaction_status == self._psycopg.pq.TransactionStatus.IDLE
-
-    def ping(self, conn: Any) -> bool:
-        try:
-            conn.execute("SELECT 1")
-            return True
-        except self._psycopg.Error:
-            return False
-
 
 def _redact(url: str) -> str:
     return re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", url)
-
-
-class _Pool:
-    """At most ``size`` connections, reused across threads (HTTP servers start a thread per
-    request, so per-thread connections would pile up)."""
-
-    _PING_AFTER = 30.0  # seconds idle after which a connection is checked before reuse
-
-    def __init__(self, engine: _SQLite | _Postgres, size: int) -> None:
-        self._engine = engine
-        self._idle: list[tuple[Any, float]] = []
-        self._lock = threading.Lock()
-        self._slots = threading.BoundedSemaphore(size)
-        self._closed = False
-
-    @contextmanager
-    def connection(self) -> Iterator[Any]:
-        with self._slots:
-            conn = None
-            while conn is None:
-                with self._lock:
-                    if self._closed:
-                        raise RuntimeError("the store is closed")
-                    conn, since = self._idle.pop() if self._idle else (None, 0.0)
-                if conn is None:
-                    conn = self._engine.connect()
-                elif time.monotonic() - since > self._PING_AFTER and not self._engine.ping(conn):
-                    _close_quietly(conn)  # e.g. the PostgreSQL server restarted meanwhile
-                    conn = None
-            try:
-                yield conn
-            finally:
-                self._release(conn)
-
-    def _release(self, conn: Any) -> None:
-        try:
-            ok = self._engine.healthy(conn)
-        except Exception:
-            ok = False
-        with self._lock:
-            if ok and not self._closed:
-                self._idle.append((conn, time.monotonic()))
-                return
-        _close_quietly(conn)
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            idle, self._idle = self._idle, []
-        for conn, _ in idle:
-            _close_quietly(conn)
 
 
 def _close_quietly(conn: Any) -> None:
@@ -504,17 +509,14 @@ class Store:
     paths (relative to the data folder) so the caller can delete the files.
     """
 
-    def __init__(self, engine: _SQLite | _Postgres, pool_size: int = 8) -> None:
-        self._engine = engine
+    def __init__(self, engine: _SQLite | _Postgres) -> None:
+        self._engine = engine  # owns the connection pool
         self.backend: str = engine.name  # "sqlite" or "postgresql"
-        self._pool = _Pool(engine, pool_size)
         self._local = threading.local()
         try:
-            with self._pool.connection() as conn:
-                engine.setup(conn)
             self._migrate()
         except BaseException:
-            self._pool.close()
+            engine.close()
             raise
 
     # ------------------------------------------------------------ plumbing
@@ -527,7 +529,7 @@ class Store:
             raise RuntimeError("nested Store transaction")  # would deadlock on the pool or the lock
         self._local.in_tx = True
         try:
-            with self._pool.connection() as conn, self._engine.guard(write):
+            with self._engine.connection() as conn, self._engine.guard(write):
                 self._engine.begin(conn, write, lock)
                 try:
                     yield _Tx(conn, self._engine.translate)
@@ -562,7 +564,7 @@ class Store:
 
     def close(self) -> None:
         """Close the pooled connections; later calls raise RuntimeError. Idempotent."""
-        self._pool.close()
+        self._engine.close()
 
     def __enter__(self) -> Store:
         return self
@@ -1056,14 +1058,14 @@ def open_store(url: str | None, data_dir: Path, pool_size: int = 8) -> Store:
     """
     if url is None:
         data_dir.mkdir(parents=True, exist_ok=True)
-        return Store(_SQLite(data_dir / "muralist.db"), pool_size)
+        return Store(_SQLite(data_dir / "muralist.db", pool_size))
     if url.startswith("sqlite:"):
         rest = url[len("sqlite:") :]
         if not rest.startswith("///") or len(rest.strip("/")) == 0 or ":memory:" in rest:
             raise MuralistError(f"bad SQLite URL {url!r}: write sqlite:///absolute/path/muralist.db")
         path = Path("/" + rest.lstrip("/"))
         path.parent.mkdir(parents=True, exist_ok=True)
-        return Store(_SQLite(path), pool_size)
+        return Store(_SQLite(path, pool_size))
     if url.startswith(("postgresql://", "postgres://")):
-        return Store(_Postgres(url), pool_size)
+        return Store(_Postgres(url, pool_size))
     raise MuralistError(f"unsupported database URL {_redact(url)!r}: use sqlite:///path or postgresql://...")

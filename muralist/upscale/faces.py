@@ -1,22 +1,41 @@
-"""Face restoration (CodeFormer, GFPGAN) in AUTOMATIC1111's folders, with no torchvision or facexlib.
+"""Face restoration as AUTOMATIC1111 does it, on spandrel's networks, in A1111's folders.
 
-Both CodeFormer and GFPGAN v1 clean (GFPGANv1.3/1.4) run. The networks are rebuilt here from the
-key layout of the released weights (``codeformer.pth`` and ``GFPGANv1.4.pth`` keep them under
-``params_ema``); every size is read from the tensors, so a tiny random model in the same layout runs
-through exactly the same code as the real ones (~94M and ~86M parameters).
+Networks come from spandrel: GFPGAN (v1 clean: GFPGANv1.3/1.4) and RestoreFormer from spandrel
+itself, CodeFormer from ``spandrel_extra_arches``; any other face model spandrel knows (its
+``purpose == "FaceSR"``) is accepted too. Licences (of the architectures and, as released, of
+their weights): GFPGAN Apache-2.0; RestoreFormer Apache-2.0 (spandrel core is MIT);
+CodeFormer S-Lab License 1.0, **non-commercial use only** (``spandrel_extra_arches`` is MIT
+itself but carries architectures under restrictive licences: review them before commercial use).
 
-Pipeline (A1111's ``restore_with_helper``, simplified): find faces with OpenCV's Haar frontal-face
-cascade, cut a square crop with a margin around each, resize it to the network's input size (512 for
-the released models; a plain square crop + resize, *not* facexlib's 5-landmark affine alignment),
-restore it in [-1, 1] RGB, resize back and paste it with a feathered square mask. ``visibility``
-then blends the result over the original like A1111's ``gfpgan_visibility``/``codeformer_visibility``.
+GFPGAN and CodeFormer are built at the sizes read from the tensors rather than spandrel's fixed
+512x512 ones, so a tiny random model in the released key layout runs through the same network code
+as the real ones (for the released sizes the result is exactly spandrel's own model).
+
+Pipeline (A1111's ``restore_with_face_helper``, i.e. facexlib's ``FaceRestoreHelper``): when
+``detection_Resnet50_Final.pth`` is in ``models/GFPGAN`` (where A1111 keeps it), faces are found
+by RetinaFace (ResNet-50) with 5 landmarks, each is warped by a similarity transform onto the FFHQ
+512x512 template, restored, warped back and pasted with ParseNet's face mask
+(``parsing_parsenet.pth``) or, without it, facexlib's eroded and blurred square. Without the
+detector, OpenCV's Haar cascade gives unaligned boxes and a square crop with a feathered paste
+(muralist's earlier behaviour), and a warning names the files to add. ``visibility`` then blends the
+result over the original like A1111's ``gfpgan_visibility``/``codeformer_visibility``.
+
+RetinaFace and ParseNet are written here (torchvision's ResNet-50 backbone, torchvision NMS, OpenCV
+warps) from the paper and facexlib's documented behaviour, loading facexlib's released files:
+facexlib itself requires ``opencv-python`` (the GUI build, which clashes with the
+``opencv-python-headless`` muralist uses) and imports numba/filterpy/matplotlib for its tracker.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
+import logging
 import math
 import os
 import re
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,325 +51,181 @@ from ..models import files
 from ..models.manager import ModelManager
 from ..paths import DataDirs
 
+log = logging.getLogger(__name__)
+
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive), in image pixels
 
 CODEFORMER = "CodeFormer"
 GFPGAN = "GFPGAN"
+RESTOREFORMER = "RestoreFormer"
+
+# The facexlib files A1111 keeps next to the GFPGAN weights (models/GFPGAN).
+DETECTION_FILE = "detection_Resnet50_Final.pth"
+PARSING_FILE = "parsing_parsenet.pth"
 
 # ---------------------------------------------------------------------------------------------------
-# CodeFormer (sczhou/CodeFormer basicsr/archs/codeformer_arch.py + vqgan_arch.py layout)
+# Networks (spandrel)
 # ---------------------------------------------------------------------------------------------------
 
-
-def _group_norm(channels: int) -> nn.GroupNorm:
-    # The VQGAN blocks always use 32 groups; channel counts must be multiples of 32.
-    return nn.GroupNorm(32, channels, eps=1e-6, affine=True)
+_install_lock = threading.Lock()
+_installed = False
 
 
-def _swish(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.sigmoid(x)
+def _registry() -> Any:
+    """spandrel's registry with the extra (non-commercial) architectures added, once per process."""
+    global _installed
+    import spandrel
+
+    with _install_lock:
+        if not _installed:
+            import spandrel_extra_arches
+
+            # ignore_duplicates: another part of muralist (the upscalers) may have installed them.
+            spandrel_extra_arches.install(ignore_duplicates=True)
+            _installed = True
+    return spandrel.MAIN_REGISTRY
 
 
-class _VQResBlock(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int) -> None:
-        super().__init__()
-        self.norm1 = _group_norm(in_ch)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, 1, 1)
-        self.norm2 = _group_norm(out_ch)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1)
-        # Only present when the channel count changes, exactly as in the released weights.
-        self.conv_out = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(_swish(self.norm1(x)))
-        h = self.conv2(_swish(self.norm2(h)))
-        return h + (self.conv_out(x) if self.conv_out is not None else x)
+def _count(sd: Mapping[str, torch.Tensor], prefix: str, suffix: str) -> int:
+    """How many ``prefix<N>suffix`` keys there are (e.g. the layers of a ModuleList)."""
+    pattern = re.compile(re.escape(prefix) + r"\d+" + re.escape(suffix) + "$")
+    return sum(1 for k in sd if pattern.match(k))
 
 
-class _VQAttnBlock(nn.Module):
-    def __init__(self, ch: int) -> None:
-        super().__init__()
-        self.norm = _group_norm(ch)
-        self.q = nn.Conv2d(ch, ch, 1)
-        self.k = nn.Conv2d(ch, ch, 1)
-        self.v = nn.Conv2d(ch, ch, 1)
-        self.proj_out = nn.Conv2d(ch, ch, 1)
+def gfpgan_net(**sizes: Any) -> nn.Module:
+    """spandrel's GFPGANv1Clean at ``sizes`` (its constructor's keywords; defaults: the release)."""
+    from spandrel.architectures.GFPGAN import GFPGAN as GFPGANv1Clean
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        y = self.norm(x)
-        q = self.q(y).reshape(b, c, h * w).transpose(1, 2)  # (b, hw, c)
-        k = self.k(y).reshape(b, c, h * w)  # (b, c, hw)
-        v = self.v(y).reshape(b, c, h * w)
-        attn = torch.softmax(torch.bmm(q, k) * c**-0.5, dim=2)  # (b, hw_q, hw_k)
-        out = torch.bmm(v, attn.transpose(1, 2)).reshape(b, c, h, w)
-        return x + self.proj_out(out)
+    return GFPGANv1Clean(**sizes)
 
 
-class _Downsample(nn.Module):
-    def __init__(self, ch: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, 2, 0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Asymmetric right/bottom padding, as the VQGAN was trained with.
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class _Upsample(nn.Module):
-    def __init__(self, ch: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, 1, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
-class _Codebook(nn.Module):
-    def __init__(self, codebook_size: int, emb_dim: int) -> None:
-        super().__init__()
-        self.embedding = nn.Embedding(codebook_size, emb_dim)
+def _gfpgan_sizes(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """GFPGANv1Clean's constructor sizes from the tensors (spandrel's loader assumes the release's)."""
+    dec = "stylegan_decoder."
+    log_size = _count(sd, "conv_body_up.", ".conv1.weight") + 2
+    num_style_feat = sd[f"{dec}style_conv1.modulated_conv.modulation.weight"].shape[1]
+    narrow = sd[f"{dec}constant_input.weight"].shape[1] / 512
+    multiplier: float = 2
+    if log_size >= 6:  # widths beyond 32x32 scale with the multiplier
+        multiplier = sd[f"{dec}style_convs.6.modulated_conv.weight"].shape[1] / (256 * narrow)
+        multiplier = round(multiplier) if abs(multiplier - round(multiplier)) < 1e-6 else multiplier
+    scale_out, scale_in = sd["condition_scale.0.2.weight"].shape[:2]
+    return dict(
+        out_size=2**log_size,
+        num_style_feat=num_style_feat,
+        channel_multiplier=multiplier,
+        num_mlp=_count(sd, f"{dec}style_mlp.", ".weight"),
+        input_is_latent=True,  # as GFPGANer (and A1111) build v1.3/1.4; not in the tensors
+        different_w=sd["final_linear.weight"].shape[0] != num_style_feat,
+        narrow=narrow,
+        sft_half=scale_out == scale_in,
+    )
 
 
-class _Blocks(nn.Module):
-    """Holds ``blocks`` (so keys read ``encoder.blocks.N...``) and each block's output resolution."""
-
-    def __init__(self, blocks: list[nn.Module], res: list[int]) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(blocks)
-        self.res = res
+_RELEASED_CODEFORMER = dict(
+    img_size=512, nf=64, ch_mult=(1, 2, 2, 4, 4, 8), res_blocks=2, attn_resolutions=(16,), emb_dim=256
+)
 
 
-class _SALayer(nn.Module):
-    """Pre-norm transformer self-attention layer (TransformerSALayer); queries/keys get the position."""
+def codeformer_net(
+    img_size: int = 512,
+    nf: int = 64,
+    ch_mult: Sequence[int] = (1, 2, 2, 4, 4, 8),
+    res_blocks: int = 2,
+    attn_resolutions: Sequence[int] = (16,),
+    codebook_size: int = 1024,
+    emb_dim: int = 256,
+    dim_embd: int = 512,
+    n_head: int = 8,
+    n_layers: int = 9,
+    connect_list: Sequence[str] = ("32", "64", "128", "256"),
+) -> nn.Module:
+    """spandrel's CodeFormer; at other than the released VQGAN sizes its encoder, codebook,
+    generator and fusion layers are rebuilt from spandrel's own blocks at the sizes asked for."""
+    from spandrel_extra_arches.architectures.CodeFormer import CodeFormer
+    from spandrel_extra_arches.architectures.CodeFormer.__arch import codeformer as cf
 
-    def __init__(self, dim: int, n_head: int, dim_mlp: int) -> None:
-        super().__init__()
-        self.self_attn = nn.MultiheadAttention(dim, n_head, dropout=0.0)
-        self.linear1 = nn.Linear(dim, dim_mlp)
-        self.linear2 = nn.Linear(dim_mlp, dim)
-        self.norm1 = nn.LayerNorm(dim)
-        self.norm2 = nn.LayerNorm(dim)
-
-    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        y = self.norm1(x)
-        qk = y + pos
-        x = x + self.self_attn(qk, qk, value=y, need_weights=False)[0]
-        return x + self.linear2(F.gelu(self.linear1(self.norm2(x))))
-
-
-class _FuseSFT(nn.Module):
-    """Controllable feature transform: encoder features modulate the decoder, scaled by fidelity w."""
-
-    def __init__(self, in_ch: int, out_ch: int) -> None:
-        super().__init__()
-        self.encode_enc = _VQResBlock(2 * in_ch, out_ch)
-        self.scale = nn.Sequential(
-            nn.Conv2d(in_ch, out_ch, 3, 1, 1), nn.LeakyReLU(0.2), nn.Conv2d(out_ch, out_ch, 3, 1, 1)
-        )
-        self.shift = nn.Sequential(
-            nn.Conv2d(in_ch, out_ch, 3, 1, 1), nn.LeakyReLU(0.2), nn.Conv2d(out_ch, out_ch, 3, 1, 1)
-        )
-
-    def forward(self, enc: torch.Tensor, dec: torch.Tensor, w: float) -> torch.Tensor:
-        h = self.encode_enc(torch.cat([enc, dec], dim=1))
-        return dec + w * (dec * self.scale(h) + self.shift(h))
-
-
-def _adain(content: torch.Tensor, style: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    b, c = content.shape[:2]
-
-    def stats(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        flat = t.reshape(b, c, -1)
-        return flat.mean(2).reshape(b, c, 1, 1), (flat.var(2) + eps).sqrt().reshape(b, c, 1, 1)
-
-    c_mean, c_std = stats(content)
-    s_mean, s_std = stats(style)
-    return (content - c_mean) / c_std * s_std + s_mean
-
-
-class CodeFormer(nn.Module):
-    """CodeFormer with its released defaults; every size is a parameter so tiny models share the code.
-
-    The released model is ``CodeFormer()`` (nf=64, ch_mult=(1,2,2,4,4,8), 512x512 faces, 16x16
-    latent, codebook 1024x256, 9 transformer layers of width 512, fusion at 32/64/128/256).
-    """
-
-    def __init__(
-        self,
-        nf: int = 64,
-        ch_mult: Sequence[int] = (1, 2, 2, 4, 4, 8),
-        res_blocks: int = 2,
-        attn_resolutions: Sequence[int] = (16,),
-        img_size: int = 512,
-        codebook_size: int = 1024,
-        emb_dim: int = 256,
-        dim_embd: int = 512,
-        n_head: int = 8,
-        n_layers: int = 9,
-        dim_mlp: int | None = None,
-        connect_list: Sequence[str] = ("32", "64", "128", "256"),
-    ) -> None:
-        super().__init__()
-        levels = len(ch_mult)
-        self.img_size = img_size
-        self.latent_res = img_size // 2 ** (levels - 1)
-        self.emb_dim = emb_dim
-        self.connect_list = [str(c) for c in connect_list]
-
-        # Encoder: conv, per level (ResBlock [+Attn]) x res_blocks then Downsample, then a
-        # non-local ResBlock/Attn/ResBlock, norm and a conv to the codebook width.
-        enc: list[nn.Module] = [nn.Conv2d(3, nf, 3, 1, 1)]
-        enc_res = [img_size]
-        enc_kind = ["conv"]
-        res = img_size
-        ch = nf
-        in_mult = (1, *ch_mult)
-        for i in range(levels):
-            ch, out = nf * in_mult[i], nf * ch_mult[i]
-            for _ in range(res_blocks):
-                enc.append(_VQResBlock(ch, out))
-                enc_kind.append("res")
-                ch = out
-                if res in attn_resolutions:
-                    enc.append(_VQAttnBlock(ch))
-                    enc_kind.append("attn")
-                enc_res += [res] * (len(enc) - len(enc_res))
-            if i != levels - 1:
-                enc.append(_Downsample(ch))
-                enc_kind.append("down")
-                res //= 2
-                enc_res.append(res)
-        level_end = len(enc)
-        enc += [_VQResBlock(ch, ch), _VQAttnBlock(ch), _VQResBlock(ch, ch), _group_norm(ch)]
-        enc.append(nn.Conv2d(ch, emb_dim, 3, 1, 1))
-        enc_res += [res] * 5
-        self.encoder = _Blocks(enc, enc_res)
-
-        self.quantize = _Codebook(codebook_size, emb_dim)
-
-        # Generator: the mirror image, from the latent up to RGB.
-        ch = nf * ch_mult[-1]
-        gen: list[nn.Module] = [nn.Conv2d(emb_dim, ch, 3, 1, 1), _VQResBlock(ch, ch), _VQAttnBlock(ch)]
-        gen.append(_VQResBlock(ch, ch))
-        gen_kind = ["conv", "res", "attn", "res"]
-        gen_level_start = len(gen)
-        gen_res = [res] * len(gen)
-        for i in reversed(range(levels)):
-            out = nf * ch_mult[i]
-            for _ in range(res_blocks):
-                gen.append(_VQResBlock(ch, out))
-                gen_kind.append("res")
-                ch = out
-                if res in attn_resolutions:
-                    gen.append(_VQAttnBlock(ch))
-                    gen_kind.append("attn")
-                gen_res += [res] * (len(gen) - len(gen_res))
-            if i != 0:
-                gen.append(_Upsample(ch))
-                gen_kind.append("up")
-                res *= 2
-                gen_res.append(res)
-        gen += [_group_norm(ch), nn.Conv2d(ch, 3, 3, 1, 1)]
-        gen_res += [res, res]
-        self.generator = _Blocks(gen, gen_res)
-
-        dim_mlp = dim_mlp or 2 * dim_embd
-        self.position_emb = nn.Parameter(torch.zeros(self.latent_res**2, dim_embd))
-        self.feat_emb = nn.Linear(emb_dim, dim_embd)
-        self.ft_layers = nn.Sequential(*[_SALayer(dim_embd, n_head, dim_mlp) for _ in range(n_layers)])
-        self.idx_pred_layer = nn.Sequential(
-            nn.LayerNorm(dim_embd), nn.Linear(dim_embd, codebook_size, bias=False)
-        )
-
-        # Where features are taken from / fused into. The original hard-codes these tables for
-        # the released layout; they follow from the structure: the encoder's last ResBlock at a
-        # resolution, and the generator's first ResBlock there (its last at the latent size).
-        self.fuse_encoder_block: dict[str, int] = {}
-        self.fuse_generator_block: dict[str, int] = {}
-        for r in {int(c) for c in self.connect_list}:
-            e = [i for i in range(level_end) if enc_kind[i] == "res" and enc_res[i] == r]
-            g = [i for i in range(gen_level_start, len(gen_kind)) if gen_kind[i] == "res" and gen_res[i] == r]
-            if not e or not g:
-                raise ValueError(f"CodeFormer has no {r}x{r} features to connect")
-            self.fuse_encoder_block[str(r)] = e[-1]
-            self.fuse_generator_block[str(r)] = g[-1] if r == self.latent_res else g[0]
-        self.fuse_convs_dict = nn.ModuleDict()
-        for c in self.connect_list:
+    connect = [str(c) for c in connect_list]
+    latent = img_size // 2 ** (len(ch_mult) - 1)
+    vq = dict(
+        img_size=img_size, nf=nf, ch_mult=tuple(ch_mult), res_blocks=res_blocks,
+        attn_resolutions=tuple(attn_resolutions), emb_dim=emb_dim,
+    )  # fmt: skip
+    released = vq == _RELEASED_CODEFORMER
+    with torch.device("meta") if not released else contextlib.nullcontext():
+        net = CodeFormer(
+            dim_embd=dim_embd, n_head=n_head, n_layers=n_layers, codebook_size=codebook_size,
+            # Its fusion tables only know the release's resolutions; others are wired below.
+            latent_size=latent * latent, connect_list=connect if released else [],
+        )  # fmt: skip
+    if released:
+        return net.eval()
+    # Built on the meta device (nothing allocated for the full-size parts), then resized.
+    with torch.device("meta"):
+        net.encoder = cf.Encoder(3, nf, emb_dim, list(ch_mult), res_blocks, img_size, list(attn_resolutions))
+        net.generator = cf.Generator(nf, list(ch_mult), res_blocks, img_size, list(attn_resolutions), emb_dim)
+        net.quantize = _any_latent_quantizer()(codebook_size, emb_dim, 0.25)
+        net.feat_emb = nn.Linear(emb_dim, dim_embd)
+        enc, gen = _fusion_blocks(net, img_size, latent, connect)
+        net.fuse_encoder_block, net.fuse_generator_block = enc, gen
+        net.connect_list = connect
+        net.fuse_convs_dict = nn.ModuleDict()
+        for c in connect:
             width = nf * ch_mult[int(math.log2(img_size // int(c)))]
-            self.fuse_convs_dict[c] = _FuseSFT(width, width)
+            net.fuse_convs_dict[c] = cf.Fuse_sft_block(width, width)
+    net.resolution, net.nf, net.ch_mult = img_size, nf, list(ch_mult)
+    net.to_empty(device="cpu")
+    # Fresh initial values (to_empty leaves memory as it was); loading a file overwrites them all.
+    for m in net.modules():
+        init = getattr(m, "reset_parameters", None) or getattr(m, "_reset_parameters", None)
+        if init is not None:
+            init()
+    with torch.no_grad():
+        net.position_emb.zero_()
+    return net.eval()
 
-    @classmethod
-    def from_state_dict(cls, sd: Mapping[str, torch.Tensor], n_head: int = 8) -> CodeFormer:
-        """Build (not load) a CodeFormer whose sizes match ``sd``; ``n_head`` is not in the tensors."""
-        kinds = _block_kinds(sd, "encoder.blocks.")
-        # kinds[0] is the input conv; the last five are the non-local blocks, norm and output conv.
-        levels: list[list[tuple[str, tuple[int, ...]]]] = [[]]
-        for kind in kinds[1:-5]:
-            if kind[0] == "down":
-                levels.append([])
-            else:
-                levels[-1].append(kind)
-        nf = sd["encoder.blocks.0.weight"].shape[0]
-        ch_mult = []
-        for level in levels:
-            outs = [shape[0] for k, shape in level if k == "res"]
-            if not outs or outs[-1] % nf:
-                raise ModelFileError("CodeFormer encoder layout is not recognised")
-            ch_mult.append(outs[-1] // nf)
-        res_blocks = sum(1 for k, _ in levels[0] if k == "res")
-        latent_res = math.isqrt(sd["position_emb"].shape[0])
-        img_size = latent_res * 2 ** (len(levels) - 1)
-        attn = [img_size // 2**i for i, level in enumerate(levels) if any(k == "attn" for k, _ in level)]
-        codebook_size, emb_dim = sd["quantize.embedding.weight"].shape
-        n_layers = len({k.split(".")[1] for k in sd if k.startswith("ft_layers.")})
-        connect = sorted({k.split(".")[1] for k in sd if k.startswith("fuse_convs_dict.")}, key=int)
-        return cls(
-            nf=nf,
-            ch_mult=ch_mult,
-            res_blocks=res_blocks,
-            attn_resolutions=attn,
-            img_size=img_size,
-            codebook_size=codebook_size,
-            emb_dim=emb_dim,
-            dim_embd=sd["position_emb"].shape[1],
-            n_head=n_head,
-            n_layers=n_layers,
-            dim_mlp=sd["ft_layers.0.linear1.weight"].shape[0] if n_layers else None,
-            connect_list=connect,
-        )
 
-    def forward(self, x: torch.Tensor, w: float = 0.5, adain: bool = True) -> torch.Tensor:
-        """Restore faces ``x`` (b, 3, img_size, img_size) in [-1, 1]; w=0 trusts the codebook, 1 the input."""
-        enc_feats: dict[str, torch.Tensor] = {}
-        take = {i: r for r, i in self.fuse_encoder_block.items() if r in self.connect_list}
-        for i, block in enumerate(self.encoder.blocks):
-            x = block(x)
-            if i in take:
-                enc_feats[take[i]] = x
-        lq_feat = x
-        b = x.shape[0]
+@functools.cache
+def _any_latent_quantizer() -> type:
+    from spandrel_extra_arches.architectures.CodeFormer.__arch.codeformer import VectorQuantizer
 
-        # Transformer predicts a codebook index per latent position (sequence-first layout).
-        tokens = self.feat_emb(lq_feat.flatten(2).permute(2, 0, 1))
-        pos = self.position_emb.unsqueeze(1).expand(-1, b, -1)
-        for layer in self.ft_layers:
-            tokens = layer(tokens, pos)
-        logits = self.idx_pred_layer(tokens).permute(1, 0, 2)  # (b, hw, codebook)
-        idx = logits.argmax(dim=2)
-        quant = self.quantize.embedding.weight[idx]  # (b, hw, emb_dim)
-        quant = quant.reshape(b, self.latent_res, self.latent_res, self.emb_dim).permute(0, 3, 1, 2)
-        if adain:  # A1111 and CodeFormer's own inference match the input's feature statistics
-            quant = _adain(quant, lq_feat)
+    class AnyLatentQuantizer(VectorQuantizer):
+        """spandrel's codebook; its CodeFormer asks for a 16x16x256 latent, the real size is used."""
 
-        x = quant
-        fuse = {i: r for r, i in self.fuse_generator_block.items() if r in self.connect_list}
-        for i, block in enumerate(self.generator.blocks):
-            x = block(x)
-            if i in fuse and w > 0:
-                r = fuse[i]
-                x = self.fuse_convs_dict[r](enc_feats[r], x, w)
-        return x
+        def get_codebook_feat(self, indices: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+            b = shape[0]
+            side = math.isqrt(indices.numel() // b)
+            return super().get_codebook_feat(indices, [b, side, side, self.emb_dim])
+
+    return AnyLatentQuantizer
+
+
+def _fusion_blocks(net: nn.Module, img_size: int, latent: int, connect: list[str]) -> tuple[dict, dict]:
+    """Where features leave the encoder / enter the generator per resolution: the encoder's last
+    ResBlock there, the generator's first (its last at the latent size) -- the rule behind the
+    release's hard-coded tables, so that other sizes wire up the same way."""
+    from spandrel_extra_arches.architectures.CodeFormer.__arch import codeformer as cf
+
+    def walk(blocks: nn.ModuleList, res: int, step: Callable[[int], int]) -> list[tuple[bool, int]]:
+        out = []
+        for block in blocks:
+            out.append((isinstance(block, cf.ResBlock), res))
+            if isinstance(block, (cf.Downsample, cf.Upsample)):
+                res = step(res)
+        return out
+
+    enc = walk(net.encoder.blocks, img_size, lambda r: r // 2)[:-5]  # not the non-local tail
+    gen = walk(net.generator.blocks, latent, lambda r: r * 2)
+    enc_table, gen_table = {}, {}
+    for c in connect:
+        r = int(c)
+        e = [i for i, (is_res, res) in enumerate(enc) if is_res and res == r]
+        g = [i for i, (is_res, res) in enumerate(gen) if is_res and res == r and i >= 4]
+        if not e or not g:
+            raise ValueError(f"CodeFormer has no {r}x{r} features to connect")
+        enc_table[c] = e[-1]
+        gen_table[c] = g[-1] if r == latent else g[0]
+    return enc_table, gen_table
 
 
 def _block_kinds(sd: Mapping[str, torch.Tensor], prefix: str) -> list[tuple[str, tuple[int, ...]]]:
@@ -372,340 +247,71 @@ def _block_kinds(sd: Mapping[str, torch.Tensor], prefix: str) -> list[tuple[str,
             break
         i += 1
     if len(out) < 7:
-        raise ModelFileError(f"CodeFormer weights have too few {prefix.rstrip('.')} entries")
+        raise ValueError(f"too few {prefix.rstrip('.')} entries")
     return out
 
 
-# ---------------------------------------------------------------------------------------------------
-# GFPGAN v1 clean (TencentARC/GFPGAN gfpgan/archs/gfpganv1_clean_arch.py + stylegan2_clean_arch.py layout)
-# ---------------------------------------------------------------------------------------------------
-
-
-def _stylegan_channels(out_size: int, channel_multiplier: float, narrow: float) -> dict[int, int]:
-    """StyleGAN2's width per resolution: 512 up to 32x32, then 256*cm at 64x64, halving each step."""
-    table: dict[int, int] = {}
-    res = 4
-    while res <= out_size:
-        base = 512 if res <= 32 else 256 * channel_multiplier * 64 / res
-        table[res] = int(base * narrow)
-        res *= 2
-    return table
-
-
-class _NormStyle(nn.Module):
-    """Pixel-norm of the style code (parameter-free ``style_mlp.0``), over dim 1 like the original."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + 1e-8)
-
-
-class _ModulatedConv(nn.Module):
-    """StyleGAN2 weight-modulated conv (no bias); the per-sample kernels run as one grouped conv."""
-
-    def __init__(
-        self,
-        in_ch: int,
-        out_ch: int,
-        kernel: int,
-        style_dim: int,
-        demodulate: bool = True,
-        upsample: bool = False,
-    ) -> None:
-        super().__init__()
-        self.out_ch = out_ch
-        self.kernel = kernel
-        self.demodulate = demodulate
-        self.upsample = upsample
-        self.modulation = nn.Linear(style_dim, in_ch)
-        self.weight = nn.Parameter(
-            torch.randn(1, out_ch, in_ch, kernel, kernel) / math.sqrt(in_ch * kernel**2)
-        )
-
-    def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
-        b, c = x.shape[:2]
-        weight = self.weight * self.modulation(style).view(b, 1, c, 1, 1)  # (b, out, in, k, k)
-        if self.demodulate:
-            weight = weight * torch.rsqrt(weight.pow(2).sum(dim=(2, 3, 4), keepdim=True) + 1e-8)
-        if self.upsample:  # the clean arch upsamples bilinearly, then convolves (no blur kernel)
-            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
-        h, w = x.shape[2:]
-        kernels = weight.reshape(b * self.out_ch, c, self.kernel, self.kernel)
-        out = F.conv2d(x.reshape(1, b * c, h, w), kernels, padding=self.kernel // 2, groups=b)
-        return out.view(b, self.out_ch, *out.shape[2:])
-
-
-class _StyleConv(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, style_dim: int, upsample: bool = False) -> None:
-        super().__init__()
-        self.modulated_conv = _ModulatedConv(in_ch, out_ch, 3, style_dim, demodulate=True, upsample=upsample)
-        self.weight = nn.Parameter(torch.zeros(1))  # noise strength
-        self.bias = nn.Parameter(torch.zeros(1, out_ch, 1, 1))
-
-    def forward(self, x: torch.Tensor, style: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
-        out = self.modulated_conv(x, style) * 2**0.5  # the clean arch folds the old gain in here
-        if noise is None:
-            noise = out.new_empty(out.shape[0], 1, *out.shape[2:]).normal_()
-        return F.leaky_relu(out + self.weight * noise + self.bias, 0.2)
-
-
-class _ToRGB(nn.Module):
-    def __init__(self, in_ch: int, style_dim: int, upsample: bool = True) -> None:
-        super().__init__()
-        self.upsample = upsample
-        self.modulated_conv = _ModulatedConv(in_ch, 3, 1, style_dim, demodulate=False)
-        self.bias = nn.Parameter(torch.zeros(1, 3, 1, 1))
-
-    def forward(self, x: torch.Tensor, style: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
-        out = self.modulated_conv(x, style) + self.bias
-        if skip is not None:
-            if self.upsample:
-                skip = F.interpolate(skip, scale_factor=2, mode="bilinear", align_corners=False)
-            out = out + skip
-        return out
-
-
-class _ConstantInput(nn.Module):
-    def __init__(self, channels: int, size: int = 4) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(1, channels, size, size))
-
-
-class _StyleGAN2CSFT(nn.Module):
-    """StyleGAN2 generator whose first conv of each level is modulated by the U-Net's SFT conditions."""
-
-    def __init__(
-        self,
-        out_size: int,
-        num_style_feat: int = 512,
-        num_mlp: int = 8,
-        channel_multiplier: float = 2,
-        narrow: float = 1,
-        sft_half: bool = False,
-        stored_noise: bool = True,
-    ) -> None:
-        super().__init__()
-        self.sft_half = sft_half
-        self.log_size = int(math.log2(out_size))
-        self.num_layers = (self.log_size - 2) * 2 + 1  # style convs, each with its own noise
-        self.num_latent = self.log_size * 2 - 2  # style vectors consumed (convs + to_rgbs)
-        ch = _stylegan_channels(out_size, channel_multiplier, narrow)
-
-        mlp: list[nn.Module] = [_NormStyle()]
-        for _ in range(num_mlp):
-            mlp += [nn.Linear(num_style_feat, num_style_feat), nn.LeakyReLU(0.2)]
-        self.style_mlp = nn.Sequential(*mlp)
-
-        self.constant_input = _ConstantInput(ch[4])
-        self.style_conv1 = _StyleConv(ch[4], ch[4], num_style_feat)
-        self.to_rgb1 = _ToRGB(ch[4], num_style_feat, upsample=False)
-        self.style_convs = nn.ModuleList()
-        self.to_rgbs = nn.ModuleList()
-        in_ch = ch[4]
-        for i in range(3, self.log_size + 1):
-            out_ch = ch[2**i]
-            self.style_convs.append(_StyleConv(in_ch, out_ch, num_style_feat, upsample=True))
-            self.style_convs.append(_StyleConv(out_ch, out_ch, num_style_feat))
-            self.to_rgbs.append(_ToRGB(out_ch, num_style_feat))
-            in_ch = out_ch
-        # The released weights ship fixed noise maps; using them makes restoration reproducible.
-        self.noises = nn.Module()
-        self.stored_noise = stored_noise
-        if stored_noise:
-            for idx in range(self.num_layers):
-                res = 2 ** ((idx + 5) // 2)
-                self.noises.register_buffer(f"noise{idx}", torch.zeros(1, 1, res, res))
-
-    def forward(
-        self,
-        style: torch.Tensor,
-        conditions: Sequence[torch.Tensor],
-        input_is_latent: bool = True,
-        randomize_noise: bool = False,
-    ) -> torch.Tensor:
-        if not input_is_latent:
-            style = self.style_mlp(style)
-        # One style vector per layer (different_w), or the same one repeated.
-        latent = style if style.ndim == 3 else style.unsqueeze(1).expand(-1, self.num_latent, -1)
-        noise: list[torch.Tensor | None]
-        if randomize_noise or not self.stored_noise:
-            noise = [None] * self.num_layers
+def _codeformer_sizes(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """CodeFormer's sizes from the tensors (spandrel's loader reads only the transformer's)."""
+    kinds = _block_kinds(sd, "encoder.blocks.")
+    # kinds[0] is the input conv; the last five are the non-local blocks, norm and output conv.
+    levels: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    for kind in kinds[1:-5]:
+        if kind[0] == "down":
+            levels.append([])
         else:
-            noise = [getattr(self.noises, f"noise{i}") for i in range(self.num_layers)]
-
-        out = self.constant_input.weight.expand(latent.shape[0], -1, -1, -1)
-        out = self.style_conv1(out, latent[:, 0], noise[0])
-        skip = self.to_rgb1(out, latent[:, 1])
-        for level, to_rgb in enumerate(self.to_rgbs):
-            i = 2 * level + 1
-            out = self.style_convs[2 * level](out, latent[:, i], noise[i])
-            if 2 * level + 1 < len(conditions):  # SFT: scale and shift from the U-Net at this level
-                scale, shift = conditions[2 * level], conditions[2 * level + 1]
-                if self.sft_half:  # only the second half of the channels is modulated
-                    keep, sft = torch.split(out, out.shape[1] // 2, dim=1)
-                    out = torch.cat([keep, sft * scale + shift], dim=1)
-                else:
-                    out = out * scale + shift
-            out = self.style_convs[2 * level + 1](out, latent[:, i + 1], noise[i + 1])
-            skip = to_rgb(out, latent[:, i + 2], skip)
-        return skip
-
-
-class _GFPResBlock(nn.Module):
-    """U-Net residual block that resamples bilinearly by ``scale`` (0.5 down, 2 up)."""
-
-    def __init__(self, in_ch: int, out_ch: int, scale: float) -> None:
-        super().__init__()
-        self.scale = scale
-        self.conv1 = nn.Conv2d(in_ch, in_ch, 3, 1, 1)
-        self.conv2 = nn.Conv2d(in_ch, out_ch, 3, 1, 1)
-        self.skip = nn.Conv2d(in_ch, out_ch, 1, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.leaky_relu(self.conv1(x), 0.2)
-        out = F.interpolate(out, scale_factor=self.scale, mode="bilinear", align_corners=False)
-        out = F.leaky_relu(self.conv2(out), 0.2)
-        x = F.interpolate(x, scale_factor=self.scale, mode="bilinear", align_corners=False)
-        return out + self.skip(x)
+            levels[-1].append(kind)
+    nf = sd["encoder.blocks.0.weight"].shape[0]
+    ch_mult = []
+    for level in levels:
+        outs = [shape[0] for k, shape in level if k == "res"]
+        if not outs or outs[-1] % nf:
+            raise ValueError("encoder layout is not recognised")
+        ch_mult.append(outs[-1] // nf)
+    latent = math.isqrt(sd["position_emb"].shape[0])
+    img_size = latent * 2 ** (len(levels) - 1)
+    codebook_size, emb_dim = sd["quantize.embedding.weight"].shape
+    return dict(
+        img_size=img_size,
+        nf=nf,
+        ch_mult=tuple(ch_mult),
+        res_blocks=sum(1 for k, _ in levels[0] if k == "res"),
+        attn_resolutions=tuple(
+            img_size // 2**i for i, lv in enumerate(levels) if any(k == "attn" for k, _ in lv)
+        ),
+        codebook_size=codebook_size,
+        emb_dim=emb_dim,
+        dim_embd=sd["position_emb"].shape[1],
+        n_layers=len({k.split(".")[1] for k in sd if k.startswith("ft_layers.")}),
+        connect_list=sorted({k.split(".")[1] for k in sd if k.startswith("fuse_convs_dict.")}, key=int),
+    )
 
 
-def _sft_branch(ch: int, out_ch: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(ch, ch, 3, 1, 1), nn.LeakyReLU(0.2), nn.Conv2d(ch, out_ch, 3, 1, 1))
+@dataclasses.dataclass
+class FaceNet:
+    """A loaded face-restoration network: spandrel's descriptor, its architecture and face size."""
 
+    descriptor: Any  # spandrel.ImageModelDescriptor
+    arch: str
+    size: int  # side of the aligned face crop the network takes
 
-class GFPGANv1Clean(nn.Module):
-    """GFPGAN v1 clean: a U-Net whose features steer a pretrained StyleGAN2 decoder through SFT.
+    @property
+    def model(self) -> nn.Module:
+        return self.descriptor.model
 
-    The released GFPGANv1.3/1.4 is ``GFPGANv1Clean()``: 512x512 faces, 512-wide styles, 8 MLP
-    layers, channel_multiplier 2, narrow 1, one style vector per layer (different_w), latent input
-    (the MLP is skipped, as GFPGANer builds it) and SFT on half the channels.
-    """
+    def to(self, device: str | torch.device) -> FaceNet:
+        self.descriptor.to(device)
+        return self
 
-    def __init__(
-        self,
-        out_size: int = 512,
-        num_style_feat: int = 512,
-        channel_multiplier: float = 2,
-        num_mlp: int = 8,
-        input_is_latent: bool = True,
-        different_w: bool = True,
-        narrow: float = 1,
-        sft_half: bool = True,
-        stored_noise: bool = True,
-    ) -> None:
-        super().__init__()
-        self.img_size = out_size
-        self.input_is_latent = input_is_latent
-        self.different_w = different_w
-        self.num_style_feat = num_style_feat
-        self.log_size = int(math.log2(out_size))
-        if 2**self.log_size != out_size or self.log_size < 3:
-            raise ValueError(f"GFPGAN output size must be a power of two >= 8, got {out_size}")
-        ch = _stylegan_channels(out_size, channel_multiplier, narrow * 0.5)  # the U-Net is half as wide
-
-        self.conv_body_first = nn.Conv2d(3, ch[out_size], 1)
-        self.conv_body_down = nn.ModuleList()
-        in_ch = ch[out_size]
-        for i in range(self.log_size, 2, -1):
-            self.conv_body_down.append(_GFPResBlock(in_ch, ch[2 ** (i - 1)], 0.5))
-            in_ch = ch[2 ** (i - 1)]
-        self.final_conv = nn.Conv2d(in_ch, ch[4], 3, 1, 1)
-
-        self.conv_body_up = nn.ModuleList()
-        self.toRGB = nn.ModuleList()  # auxiliary RGB heads: only trained, but stored in the weights
-        self.condition_scale = nn.ModuleList()
-        self.condition_shift = nn.ModuleList()
-        in_ch = ch[4]
-        for i in range(3, self.log_size + 1):
-            out_ch = ch[2**i]
-            self.conv_body_up.append(_GFPResBlock(in_ch, out_ch, 2.0))
-            self.toRGB.append(nn.Conv2d(out_ch, 3, 1))
-            # Half SFT modulates half the decoder's channels, which is exactly the U-Net's width.
-            sft_ch = out_ch if sft_half else out_ch * 2
-            self.condition_scale.append(_sft_branch(out_ch, sft_ch))
-            self.condition_shift.append(_sft_branch(out_ch, sft_ch))
-            in_ch = out_ch
-
-        n_latent = (self.log_size * 2 - 2) if different_w else 1
-        self.final_linear = nn.Linear(ch[4] * 16, n_latent * num_style_feat)
-        self.stylegan_decoder = _StyleGAN2CSFT(
-            out_size, num_style_feat, num_mlp, channel_multiplier, narrow, sft_half, stored_noise
-        )
-
-    @classmethod
-    def from_state_dict(cls, sd: Mapping[str, torch.Tensor]) -> GFPGANv1Clean:
-        """Build (not load) a GFPGANv1Clean whose sizes match ``sd``.
-
-        ``input_is_latent`` is not in the tensors; it is True as GFPGANer (and A1111) build v1.3/1.4.
-        """
-        dec = "stylegan_decoder."
-        levels = _count(sd, "conv_body_up.", ".conv1.weight")
-        log_size = levels + 2
-        num_style_feat = sd[f"{dec}style_conv1.modulated_conv.modulation.weight"].shape[1]
-        narrow = sd[f"{dec}constant_input.weight"].shape[1] / 512
-        multiplier: float = 2
-        if log_size >= 6:  # widths beyond 32x32 scale with the multiplier
-            width64 = sd[f"{dec}style_convs.6.modulated_conv.weight"].shape[1]
-            multiplier = width64 / (256 * narrow)
-            multiplier = round(multiplier) if abs(multiplier - round(multiplier)) < 1e-6 else multiplier
-        scale_out, scale_in = sd["condition_scale.0.2.weight"].shape[:2]
-        return cls(
-            out_size=2**log_size,
-            num_style_feat=num_style_feat,
-            channel_multiplier=multiplier,
-            num_mlp=_count(sd, f"{dec}style_mlp.", ".weight"),
-            different_w=sd["final_linear.weight"].shape[0] != num_style_feat,
-            narrow=narrow,
-            sft_half=scale_out == scale_in,
-            stored_noise=f"{dec}noises.noise0" in sd,
-        )
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        return_latents: bool = False,
-        return_rgb: bool = True,
-        randomize_noise: bool = False,
-        **_ignored: Any,
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Restore faces ``x`` (b, 3, out_size, out_size) in [-1, 1] -> (image, intermediate RGBs).
-
-        Same call as the original (A1111 takes ``net(x, return_rgb=False)[0]``; extra keywords
-        such as CodeFormer's ``weight`` are ignored). ``randomize_noise`` defaults to False here:
-        the stored noise maps give reproducible output, where GFPGANer draws fresh noise per call.
-        ``return_latents`` is accepted for compatibility; latents are not returned.
-        """
-        feat = F.leaky_relu(self.conv_body_first(x), 0.2)
-        skips: list[torch.Tensor] = []
-        for block in self.conv_body_down:
-            feat = block(feat)
-            skips.insert(0, feat)
-        feat = F.leaky_relu(self.final_conv(feat), 0.2)
-
-        style = self.final_linear(feat.flatten(1))
-        if self.different_w:
-            style = style.view(style.shape[0], -1, self.num_style_feat)
-
-        conditions: list[torch.Tensor] = []
-        rgbs: list[torch.Tensor] = []
-        for i, up in enumerate(self.conv_body_up):
-            feat = up(feat + skips[i])
-            conditions += [self.condition_scale[i](feat), self.condition_shift[i](feat)]
-            if return_rgb:
-                rgbs.append(self.toRGB[i](feat))
-
-        image = self.stylegan_decoder(style, conditions, self.input_is_latent, randomize_noise)
-        return image, rgbs
-
-
-def _count(sd: Mapping[str, torch.Tensor], prefix: str, suffix: str) -> int:
-    """How many ``prefix<N>suffix`` keys there are (e.g. the layers of a ModuleList)."""
-    pattern = re.compile(re.escape(prefix) + r"\d+" + re.escape(suffix) + "$")
-    return sum(1 for k in sd if pattern.match(k))
-
-
-# ---------------------------------------------------------------------------------------------------
-# Loading
-# ---------------------------------------------------------------------------------------------------
+    def __call__(self, x: torch.Tensor, weight: float = 0.5) -> torch.Tensor:
+        """Restore faces ``x`` (b, 3, size, size) in [-1, 1] RGB -> the same, as A1111 calls them."""
+        if self.arch == CODEFORMER:
+            return self.model(x, weight=weight, adain=True)[0]
+        if self.arch == GFPGAN:
+            # Stored noise maps: reproducible output (GFPGANer draws fresh noise per call).
+            return self.model(x, return_rgb=False, randomize_noise=False)[0]
+        # Everything else through spandrel's own call, which takes and gives [0, 1].
+        return self.descriptor((x + 1) / 2) * 2 - 1
 
 
 def _unwrap(obj: Any) -> Any:
@@ -718,53 +324,313 @@ def _unwrap(obj: Any) -> Any:
 
 
 def load_face_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """The tensors of a face-restoration weights file, ``params_ema``/``params`` unwrapped.
+    """The tensors of a weights file, ``params_ema``/``params`` unwrapped, ``module.`` stripped.
 
     ``files.load_state_dict`` keeps only top-level tensors, which would drop the BasicSR wrapper,
     so pickles go through the same safe ``weights_only`` loader it uses and are unwrapped here.
     """
     path = Path(path)
     if path.suffix.lower() in files.SAFETENSORS_EXTS:
-        return files.load_state_dict(path)
-    return files.tensors_of(path, _unwrap(files.load_pickle(path)))
+        sd = files.load_state_dict(path)
+    else:
+        sd = files.tensors_of(path, _unwrap(files.load_pickle(path)))
+    # DataParallel saves (the released RetinaFace) prefix every key with "module.".
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
+    return sd
+
+
+_NAMES = {"GFPGAN": GFPGAN, "CodeFormer": CODEFORMER, "RestoreFormer": RESTOREFORMER}
 
 
 def detect_architecture(sd: Mapping[str, torch.Tensor]) -> str:
-    """``"CodeFormer"`` or ``"GFPGAN"`` (v1 clean: 1.3/1.4) from the key layout; ModelFileError otherwise."""
-    if "position_emb" in sd and "quantize.embedding.weight" in sd and "idx_pred_layer.1.weight" in sd:
-        return CODEFORMER
-    if "conv_body_first.weight" in sd and "stylegan_decoder.constant_input.weight" in sd:
-        return GFPGAN
-    raise ModelFileError("not a CodeFormer or GFPGAN (v1 clean) state dict")
+    """The architecture spandrel reads off the key layout (``"CodeFormer"``, ``"GFPGAN"``,
+    ``"RestoreFormer"`` or another spandrel id); ModelFileError when spandrel knows none."""
+    for support in _registry().architectures("detection"):
+        if support.detect(sd):
+            arch_id = str(support.architecture.id)
+            return _NAMES.get(arch_id, arch_id)
+    raise ModelFileError(
+        "not a face-restoration model spandrel knows (GFPGAN v1.3/1.4, CodeFormer, RestoreFormer, ...)"
+    )
 
 
-_BUILDERS: dict[str, Callable[[Mapping[str, torch.Tensor]], nn.Module]] = {
-    CODEFORMER: CodeFormer.from_state_dict,
-    GFPGAN: GFPGANv1Clean.from_state_dict,
-}
+def _descriptor(model: nn.Module, sd: Mapping[str, torch.Tensor], arch: str, size: int) -> Any:
+    from spandrel import ImageModelDescriptor, SizeRequirements
+
+    support = _registry().get(arch)
+    # Same descriptor spandrel's own loader builds; its constructor loads ``sd`` strictly.
+    return ImageModelDescriptor(
+        model, dict(sd), architecture=support.architecture, purpose="FaceSR", tags=[],
+        supports_half=False, supports_bfloat16=True, scale=1, input_channels=3, output_channels=3,
+        size_requirements=SizeRequirements(minimum=size), call_fn=lambda m, x: m(x)[0],
+    )  # fmt: skip
 
 
-def build_face_model(sd: Mapping[str, torch.Tensor], name: str = "weights") -> nn.Module:
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def build_face_model(sd: Mapping[str, torch.Tensor], name: str = "weights") -> FaceNet:
     """A face-restoration network of the detected architecture with ``sd`` loaded, in eval mode."""
     arch = detect_architecture(sd)
     try:
-        model: nn.Module = _BUILDERS[arch](sd)
-    except (KeyError, IndexError, ValueError) as exc:
-        raise ModelFileError(f"{name}: {arch} layout is not recognised ({exc})") from None
-    try:
-        missing, _unexpected = model.load_state_dict(dict(sd), strict=False)
-    except RuntimeError as exc:  # shape mismatches
+        if arch == GFPGAN:
+            sizes = _gfpgan_sizes(sd)
+            desc = _descriptor(gfpgan_net(**sizes), sd, arch, sizes["out_size"])
+            size = sizes["out_size"]
+        elif arch == CODEFORMER:
+            sizes = _codeformer_sizes(sd)
+            desc = _descriptor(codeformer_net(**sizes), sd, arch, sizes["img_size"])
+            size = sizes["img_size"]
+        else:
+            desc = _registry().load(dict(sd))
+            size = 512  # RestoreFormer and the others are trained on FFHQ 512x512 faces
+    except (KeyError, IndexError, ValueError, TypeError) as exc:
+        raise ModelFileError(f"{name}: {arch} layout is not recognised ({_first_line(exc)})") from None
+    except RuntimeError as exc:  # load_state_dict: missing keys or shape mismatches
+        msg = _first_line(exc)
+        if "Missing key" in str(exc):
+            msg = (
+                "lacks tensors: " + str(exc).split("Missing key(s) in state_dict:")[-1].strip().split(",")[0]
+            )
+        raise ModelFileError(f"{name}: {arch} weights do not fit the layout ({msg})") from None
+    if getattr(desc, "purpose", None) != "FaceSR":
         raise ModelFileError(
-            f"{name}: {arch} weights do not fit the layout ({str(exc).splitlines()[-1].strip()})"
-        ) from None
-    # Extra keys (training leftovers) are harmless; a missing one means a different architecture.
-    if missing:
-        raise ModelFileError(f"{name}: {arch} weights lack {len(missing)} tensors, e.g. {missing[0]}")
-    return model.eval().requires_grad_(False)
+            f"{name}: spandrel reads this as {arch}, which is not a face-restoration model "
+            "(upscalers go in models/ESRGAN, RealESRGAN or SwinIR)"
+        )
+    desc.model.requires_grad_(False)
+    desc.eval()
+    return FaceNet(desc, arch, int(size))
 
 
 # ---------------------------------------------------------------------------------------------------
-# Detection, crop and paste
+# RetinaFace (ResNet-50) with 5 landmarks, in detection_Resnet50_Final.pth's key layout
+# ---------------------------------------------------------------------------------------------------
+
+
+def _conv_bn(cin: int, cout: int, k: int, relu: bool) -> nn.Sequential:
+    # Keys "<name>.0.weight" (conv, no bias) and "<name>.1.*" (BatchNorm), as in the released file.
+    layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, 1, k // 2, bias=False), nn.BatchNorm2d(cout)]
+    if relu:
+        layers.append(nn.ReLU())  # the ResNet-50 variant uses slope 0 (out_channels > 64)
+    return nn.Sequential(*layers)
+
+
+class _SSH(nn.Module):
+    """Single Stage Headless context module: 3x3, 5x5 (two 3x3) and 7x7 (three 3x3) branches."""
+
+    def __init__(self, ch: int) -> None:
+        super().__init__()
+        self.conv3X3 = _conv_bn(ch, ch // 2, 3, relu=False)
+        self.conv5X5_1 = _conv_bn(ch, ch // 4, 3, relu=True)
+        self.conv5X5_2 = _conv_bn(ch // 4, ch // 4, 3, relu=False)
+        self.conv7X7_2 = _conv_bn(ch // 4, ch // 4, 3, relu=True)
+        self.conv7x7_3 = _conv_bn(ch // 4, ch // 4, 3, relu=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mid = self.conv5X5_1(x)
+        return F.relu(
+            torch.cat([self.conv3X3(x), self.conv5X5_2(mid), self.conv7x7_3(self.conv7X7_2(mid))], 1)
+        )
+
+
+class _Head(nn.Module):
+    def __init__(self, ch: int, per_anchor: int, anchors: int = 2) -> None:
+        super().__init__()
+        self.per_anchor = per_anchor
+        self.conv1x1 = nn.Conv2d(ch, anchors * per_anchor, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (b, anchors*k, h, w) -> (b, h*w*anchors, k): the order the prior boxes are made in.
+        return self.conv1x1(x).permute(0, 2, 3, 1).reshape(x.shape[0], -1, self.per_anchor)
+
+
+class RetinaFace(nn.Module):
+    """RetinaFace (Deng et al. 2019) on ResNet-50: FPN over C3-C5, SSH context, and per level 2
+    anchors that predict a face score, a box and 5 landmarks (eyes, nose, mouth corners)."""
+
+    MIN_SIZES = ((16, 32), (64, 128), (256, 512))
+    STEPS = (8, 16, 32)
+    VARIANCE = (0.1, 0.2)
+    MEAN_BGR = (104.0, 117.0, 123.0)
+
+    def __init__(self, out_ch: int = 256) -> None:
+        super().__init__()
+        from torchvision.models import resnet50
+        from torchvision.models._utils import IntermediateLayerGetter
+
+        self.body = IntermediateLayerGetter(resnet50(weights=None), {"layer2": 1, "layer3": 2, "layer4": 3})
+        self.fpn = nn.Module()
+        for i, cin in enumerate((512, 1024, 2048), 1):
+            self.fpn.add_module(f"output{i}", _conv_bn(cin, out_ch, 1, relu=True))
+        self.fpn.merge1 = _conv_bn(out_ch, out_ch, 3, relu=True)
+        self.fpn.merge2 = _conv_bn(out_ch, out_ch, 3, relu=True)
+        self.ssh1, self.ssh2, self.ssh3 = _SSH(out_ch), _SSH(out_ch), _SSH(out_ch)
+        self.ClassHead = nn.ModuleList([_Head(out_ch, 2) for _ in range(3)])
+        self.BboxHead = nn.ModuleList([_Head(out_ch, 4) for _ in range(3)])
+        self.LandmarkHead = nn.ModuleList([_Head(out_ch, 10) for _ in range(3)])
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x``: (b, 3, h, w) BGR minus the mean -> (boxes, face probability, landmarks) per prior."""
+        c3, c4, c5 = self.body(x).values()
+        f = self.fpn
+        p5 = f.output3(c5)
+        p4 = f.merge2(f.output2(c4) + F.interpolate(p5, size=c4.shape[-2:], mode="nearest"))
+        p3 = f.merge1(f.output1(c3) + F.interpolate(p4, size=c3.shape[-2:], mode="nearest"))
+        feats = [self.ssh1(p3), self.ssh2(p4), self.ssh3(p5)]
+        loc = torch.cat([h(t) for h, t in zip(self.BboxHead, feats, strict=True)], 1)
+        conf = torch.cat([h(t) for h, t in zip(self.ClassHead, feats, strict=True)], 1)
+        landm = torch.cat([h(t) for h, t in zip(self.LandmarkHead, feats, strict=True)], 1)
+        return loc, conf.softmax(-1), landm
+
+    @classmethod
+    def priors(cls, h: int, w: int) -> torch.Tensor:
+        """Anchor (cx, cy, w, h), relative to the image, in the heads' order: level, row, column, size."""
+        out = []
+        for step, sizes in zip(cls.STEPS, cls.MIN_SIZES, strict=True):
+            fh, fw = math.ceil(h / step), math.ceil(w / step)
+            cy, cx = torch.meshgrid(
+                (torch.arange(fh) + 0.5) * step / h, (torch.arange(fw) + 0.5) * step / w, indexing="ij"
+            )
+            for_level = [torch.stack([cx, cy, torch.full_like(cx, s / w), torch.full_like(cy, s / h)], -1)
+                         for s in sizes]  # fmt: skip
+            out.append(torch.stack(for_level, 2).reshape(-1, 4))
+        return torch.cat(out)
+
+    @torch.inference_mode()
+    def detect(
+        self, rgb: np.ndarray, conf: float = 0.97, nms: float = 0.4, resize: int = 640
+    ) -> list[tuple[np.ndarray, float, np.ndarray]]:
+        """Faces in an RGB uint8 image as (box x0 y0 x1 y1, score, 5x2 landmarks), best first.
+
+        As A1111 calls facexlib: the image is resized so its short side is ``resize``, faces
+        scoring above 0.97 are kept, overlaps above IoU 0.4 suppressed."""
+        import cv2
+        from torchvision.ops import nms as box_nms
+
+        h0, w0 = rgb.shape[:2]
+        scale = min(h0, w0) / resize
+        h, w = int(h0 / scale), int(w0 / scale)
+        img = cv2.resize(
+            np.ascontiguousarray(rgb[:, :, ::-1]), (w, h), interpolation=cv2.INTER_LANCZOS4
+        ).astype(np.float32)
+        img -= np.array(self.MEAN_BGR, np.float32)
+        param = next(self.parameters())
+        x = torch.from_numpy(img.transpose(2, 0, 1).copy())[None].to(param.device, param.dtype)
+        loc, score, landm = (t[0].float().cpu() for t in self(x))
+        pri = self.priors(h, w)
+        v0, v1 = self.VARIANCE
+        centre = pri[:, :2] + loc[:, :2] * v0 * pri[:, 2:]
+        size = pri[:, 2:] * torch.exp(loc[:, 2:] * v1)
+        boxes = torch.cat([centre - size / 2, centre + size / 2], 1) * torch.tensor([w, h, w, h]) * scale
+        points = (
+            (pri[:, None, :2] + landm.reshape(-1, 5, 2) * v0 * pri[:, None, 2:])
+            * torch.tensor([w, h])
+            * scale
+        )
+        s = score[:, 1]
+        keep = torch.nonzero(s > conf).flatten()
+        keep = keep[box_nms(boxes[keep], s[keep], nms)]  # sorted by score, best first
+        return [(boxes[i].numpy(), float(s[i]), points[i].numpy()) for i in keep.tolist()]
+
+
+# ---------------------------------------------------------------------------------------------------
+# ParseNet face parsing (parsing_parsenet.pth's key layout): which pixels of a 512 face are face
+# ---------------------------------------------------------------------------------------------------
+
+
+class _PConv(nn.Module):
+    """Reflection-padded conv, optional nearest 2x upsampling before / stride 2, BN, LeakyReLU."""
+
+    def __init__(self, cin: int, cout: int, scale: str = "none", bn: bool = False, act: bool = False) -> None:
+        super().__init__()
+        self.up = scale == "up"
+        self.pad = nn.ReflectionPad2d(1)
+        self.conv2d = nn.Conv2d(cin, cout, 3, 2 if scale == "down" else 1, bias=not bn)
+        self.norm = nn.Module()
+        self.norm.norm = nn.BatchNorm2d(cout) if bn else nn.Identity()  # keys "norm.norm.*"
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.up:
+            x = F.interpolate(x, scale_factor=2, mode="nearest")
+        x = self.norm.norm(self.conv2d(self.pad(x)))
+        return F.leaky_relu(x, 0.2) if self.act else x
+
+
+class _PRes(nn.Module):
+    def __init__(self, cin: int, cout: int, scale: str = "none") -> None:
+        super().__init__()
+        # A plain conv (no norm, no activation) where the size or width changes, else identity.
+        self.shortcut_func = _PConv(cin, cout, scale) if scale != "none" or cin != cout else None
+        self.conv1 = _PConv(cin, cout, "up" if scale == "up" else "none", bn=True, act=True)
+        self.conv2 = _PConv(cout, cout, "down" if scale == "down" else "none", bn=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = self.shortcut_func(x) if self.shortcut_func is not None else x
+        return skip + self.conv2(self.conv1(x))
+
+
+class ParseNet(nn.Module):
+    """ParseNet as facexlib configures it (512 in, 512 out, 19 classes): a residual encoder down to
+    32x32, 10 residual blocks, a decoder back up; heads for the parsing map and an image."""
+
+    def __init__(self, size: int = 512, classes: int = 19, base: int = 64, depth: int = 10) -> None:
+        super().__init__()
+
+        def clip(c: int) -> int:
+            return max(32, min(c, 256))
+
+        steps = int(math.log2(size // 32))
+        enc: list[nn.Module] = [_PConv(3, base)]
+        ch = base
+        for _ in range(steps):
+            enc.append(_PRes(clip(ch), clip(ch * 2), "down"))
+            ch *= 2
+        self.encoder = nn.Sequential(*enc)
+        self.body = nn.Sequential(*[_PRes(clip(ch), clip(ch)) for _ in range(depth)])
+        dec = []
+        for _ in range(steps):
+            dec.append(_PRes(clip(ch), clip(ch // 2), "up"))
+            ch //= 2
+        self.decoder = nn.Sequential(*dec)
+        self.out_img_conv = _PConv(clip(ch), 3)
+        self.out_mask_conv = _PConv(clip(ch), classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Parsing logits (b, classes, h, w) for faces ``x`` in [-1, 1] RGB."""
+        feat = self.encoder(x)
+        return self.out_mask_conv(self.decoder(feat + self.body(feat)))
+
+
+# Parsing classes that count as face for the paste mask (facexlib's colour map): all but
+# background (0), neck (14) and cloth/hair/hat (16-18).
+_FACE_CLASSES = [i for i in range(19) if i not in (0, 14, 16, 17, 18)]
+
+
+def _load_aux(cls: Callable[[], nn.Module], path: Path, what: str) -> nn.Module:
+    """RetinaFace/ParseNet from facexlib's released file, with a clear error for any other file."""
+    try:
+        sd = load_face_state_dict(path)
+    except MuralistError:
+        raise
+    except Exception as exc:  # any unreadable file gets the same advice
+        raise ModelFileError(f"{path} could not be read ({_first_line(exc)}); {what}") from None
+    net = cls()
+    try:
+        net.load_state_dict(sd, strict=True)
+    except RuntimeError as exc:
+        raise ModelFileError(
+            f"{path} does not hold the expected weights ({_first_line(exc)[:200]}); {what}"
+        ) from None
+    return net.eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Haar detection, square crop and feathered paste (the fallback without RetinaFace)
 # ---------------------------------------------------------------------------------------------------
 
 # The Haar box spans roughly brows to chin; the networks were trained on FFHQ crops that show the
@@ -800,31 +666,18 @@ def _feather_mask(side: int) -> np.ndarray:
     # 1 in the middle, ramping linearly to 0 at the crop's border, so seams do not show.
     ramp = max(1.0, side / 8)
     d = np.arange(side, dtype=np.float32)
-    edge = np.minimum(d + 0.5, side - d - 0.5) / ramp
-    edge = np.clip(edge, 0.0, 1.0)
+    edge = np.clip(np.minimum(d + 0.5, side - d - 0.5) / ramp, 0.0, 1.0)
     return np.minimum(edge[:, None], edge[None, :])[..., None]
 
 
-def _run_net(model: nn.Module, x: torch.Tensor, weight: float) -> torch.Tensor:
-    if isinstance(model, CodeFormer):
-        return model(x, w=weight, adain=True)
-    if isinstance(model, GFPGANv1Clean):
-        # As A1111 calls it: the restored image only; GFPGAN has no fidelity weight.
-        return model(x, return_rgb=False)[0]
-    return model(x)
-
-
-def _restore_crop(crop: np.ndarray, model: nn.Module, weight: float) -> np.ndarray:
-    """One face crop (side, side, 3) uint8 RGB -> restored, same size, float32 0..255."""
-    side = crop.shape[0]
-    size = int(model.img_size)
-    face = Image.fromarray(crop).resize((size, size), Image.Resampling.LANCZOS)
-    param = next(model.parameters())
-    x = torch.from_numpy(np.asarray(face, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
+def _restore_face(face: np.ndarray, model: FaceNet, weight: float) -> np.ndarray:
+    """One aligned face (size, size, 3) uint8 RGB -> restored, uint8 (A1111's tensor2img rounding)."""
+    param = next(model.model.parameters())
+    x = torch.from_numpy(face.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
     with torch.inference_mode():
-        y = _run_net(model, x.to(param.device, param.dtype), weight)
-    y = ((y[0].float().clamp(-1, 1) + 1) * 127.5).round().permute(1, 2, 0).cpu().numpy().astype(np.uint8)
-    return np.asarray(Image.fromarray(y).resize((side, side), Image.Resampling.LANCZOS), dtype=np.float32)
+        y = model(x.to(param.device, param.dtype), weight)
+    y = (y[0].float().clamp(-1, 1) + 1) * 127.5
+    return y.round().permute(1, 2, 0).cpu().numpy().astype(np.uint8)
 
 
 def blend(original: Image.Image, restored: Image.Image, visibility: float) -> Image.Image:
@@ -839,13 +692,12 @@ def blend(original: Image.Image, restored: Image.Image, visibility: float) -> Im
 def restore_boxes(
     image: Image.Image,
     boxes: Sequence[Box],
-    model: nn.Module,
+    model: FaceNet,
     visibility: float = 1.0,
     weight: float = 0.5,
 ) -> Image.Image:
-    """Restore the faces at ``boxes`` (x0, y0, x1, y1) and paste them back; nothing outside
-    ``face_crop_box(box)`` changes. Used by ``restore`` after detection, and directly by callers
-    (and tests) that already know where the faces are."""
+    """Restore the faces at ``boxes`` (x0, y0, x1, y1) with square, unaligned crops and paste them
+    back; nothing outside ``face_crop_box(box)`` changes (the Haar fallback)."""
     original = image.convert("RGB")
     if visibility <= 0 or not boxes:
         return original.copy()
@@ -858,15 +710,111 @@ def restore_boxes(
         # Edge-replicate where the square reaches past the image, so the face stays centred.
         ys = np.clip(np.arange(y0, y1), 0, h - 1)
         xs = np.clip(np.arange(x0, x1), 0, w - 1)
-        restored = _restore_crop(np.ascontiguousarray(src[ys][:, xs]), model, weight)
+        crop = Image.fromarray(np.ascontiguousarray(src[ys][:, xs]))
+        face = np.asarray(crop.resize((model.size, model.size), Image.Resampling.LANCZOS))
+        restored = Image.fromarray(_restore_face(face, model, weight)).resize(
+            (side, side), Image.Resampling.LANCZOS
+        )
+        restored_f = np.asarray(restored, dtype=np.float32)
         mask = _feather_mask(side)
         cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
         if cx0 >= cx1 or cy0 >= cy1:
             continue
         sl = (slice(cy0 - y0, cy1 - y0), slice(cx0 - x0, cx1 - x0))
         region = out[cy0:cy1, cx0:cx1]
-        out[cy0:cy1, cx0:cx1] = region + (restored[sl] - region) * mask[sl]
+        out[cy0:cy1, cx0:cx1] = region + (restored_f[sl] - region) * mask[sl]
     result = Image.fromarray(np.clip(out.round(), 0, 255).astype(np.uint8))
+    return blend(original, result, visibility)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Aligned path: 5-point similarity transform to the FFHQ template, inverse warp, masked paste
+# ---------------------------------------------------------------------------------------------------
+
+# Where the eyes, nose tip and mouth corners sit in a 512x512 FFHQ-aligned face (facexlib's template).
+FFHQ_TEMPLATE_512 = np.array(
+    [[192.98138, 239.94708], [318.90277, 240.1936], [256.63416, 314.01935],
+     [201.26117, 371.41043], [313.08905, 371.15118]], np.float32,
+)  # fmt: skip
+
+
+@dataclasses.dataclass
+class Face:
+    """A detected face: RetinaFace's box, score and 5 landmarks in image pixels."""
+
+    box: np.ndarray
+    score: float
+    landmarks: np.ndarray
+
+
+def align_matrix(landmarks: np.ndarray, size: int) -> np.ndarray:
+    """2x3 similarity transform (rotation, uniform scale, shift) taking the landmarks onto the
+    template for a ``size`` face, least-median-of-squares as facexlib fits it."""
+    import cv2
+
+    template = FFHQ_TEMPLATE_512 * (size / 512.0)
+    matrix, _ = cv2.estimateAffinePartial2D(landmarks.astype(np.float32), template, method=cv2.LMEDS)
+    if matrix is None:
+        raise MuralistError("face landmarks are degenerate")
+    return matrix
+
+
+def _parse_mask(face: np.ndarray, parser: nn.Module) -> np.ndarray:
+    """Soft face mask (size, size) in 0..1 from ParseNet, blurred as facexlib blurs it."""
+    import cv2
+
+    x = cv2.resize(face, (512, 512), interpolation=cv2.INTER_LINEAR).astype(np.float32) / 127.5 - 1.0
+    param = next(parser.parameters())
+    with torch.inference_mode():
+        logits = parser(torch.from_numpy(x).permute(2, 0, 1)[None].to(param.device, param.dtype))
+    labels = logits[0].argmax(0).cpu().numpy()
+    mask = np.isin(labels, _FACE_CLASSES).astype(np.float64) * 255.0
+    mask = cv2.GaussianBlur(cv2.GaussianBlur(mask, (101, 101), 11), (101, 101), 11)
+    mask[:10], mask[-10:], mask[:, :10], mask[:, -10:] = 0, 0, 0, 0
+    return cv2.resize(mask / 255.0, face.shape[1::-1])
+
+
+def restore_aligned(
+    image: Image.Image,
+    faces: Sequence[Face],
+    model: FaceNet,
+    visibility: float = 1.0,
+    weight: float = 0.5,
+    parser: nn.Module | None = None,
+) -> Image.Image:
+    """A1111's pipeline: align each face to the template, restore, warp back and paste with the
+    ParseNet mask (or facexlib's eroded, blurred square); nothing outside the faces changes."""
+    import cv2
+
+    original = image.convert("RGB")
+    if visibility <= 0 or not faces:
+        return original.copy()
+    src = np.asarray(original)
+    h, w = src.shape[:2]
+    out = src.astype(np.float32)
+    size = model.size
+    for face in faces:
+        matrix = align_matrix(face.landmarks, size)
+        # Outside the image the crop is facexlib's grey (135, 133, 132 BGR).
+        crop = cv2.warpAffine(
+            src, matrix, (size, size), borderMode=cv2.BORDER_CONSTANT, borderValue=(132, 133, 135)
+        )
+        restored = _restore_face(crop, model, weight)
+        inverse = cv2.invertAffineTransform(matrix)
+        back = cv2.warpAffine(restored, inverse, (w, h)).astype(np.float32)
+        if parser is not None:
+            soft = cv2.warpAffine(_parse_mask(restored, parser), inverse, (w, h), flags=cv2.INTER_AREA)
+        else:
+            square = cv2.warpAffine(np.ones((size, size), np.float32), inverse, (w, h))
+            square = cv2.erode(square, np.ones((2, 2), np.uint8))
+            back *= square[..., None]
+            edge = int(float(square.sum()) ** 0.5) // 20
+            # A band of ``edge`` px fades in; the restored face never shows past its own square.
+            centre = cv2.erode(square, np.ones((max(2 * edge, 1), max(2 * edge, 1)), np.uint8))
+            soft = cv2.GaussianBlur(centre, (2 * edge + 1, 2 * edge + 1), 0)
+        soft = soft[..., None].astype(np.float32)
+        out = soft * back + (1 - soft) * out
+    result = Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))  # truncates, as facexlib does
     return blend(original, result, visibility)
 
 
@@ -877,13 +825,17 @@ def restore_boxes(
 # Folder under models/ and the file name A1111 downloads there.
 _FOLDERS = {CODEFORMER: ("Codeformer", "codeformer-v0.1.0.pth"), GFPGAN: ("GFPGAN", "GFPGANv1.4.pth")}
 _EXTS = (".pth", ".safetensors")
+_AUX = {DETECTION_FILE, PARSING_FILE}
 
 
 class FaceRestorers:
     """CodeFormer/GFPGAN weights from an A1111 data folder (``models/Codeformer``, ``models/GFPGAN``).
 
-    GFPGAN files must be v1 clean (GFPGANv1.3/1.4, what A1111 downloads); the original v1 with
-    its custom CUDA ops, RestoreFormer and GPEN are rejected as unrecognised.
+    Each folder's file is loaded with spandrel; it must hold the architecture the restorer is named
+    after, except that RestoreFormer (GFPGANer runs it too) or any other face model spandrel knows
+    also serves as GFPGAN. The facexlib files
+    ``detection_Resnet50_Final.pth`` / ``parsing_parsenet.pth`` in ``models/GFPGAN`` switch on
+    A1111's aligned pipeline.
 
     ``dirs`` is a ``DataDirs`` or the data folder itself. Networks load on first use and are kept
     in ``manager`` (evicted by its budget); concurrent requests load each file once.
@@ -900,6 +852,7 @@ class FaceRestorers:
         self.device = torch.device(device)
         # Loaded networks live in the worker's manager (one budget for all kinds), else a private one.
         self.manager = manager if manager is not None else ModelManager(self.device)
+        self._warned: set[str] = set()
 
     def find(self, model: str) -> Path:
         """The weights file for ``model``: A1111's default name if present, else the first .pth there."""
@@ -909,7 +862,11 @@ class FaceRestorers:
         if default.is_file():
             return default
         cands = (
-            sorted(p for p in folder.glob("*") if p.suffix.lower() in _EXTS and p.is_file())
+            sorted(
+                p
+                for p in folder.glob("*")
+                if p.suffix.lower() in _EXTS and p.is_file() and p.name not in _AUX
+            )
             if folder.is_dir()
             else []
         )
@@ -921,27 +878,62 @@ class FaceRestorers:
             f"{name} weights not found: put {_FOLDERS[name][1]} (or any {name} .pth file) in {folder}"
         )
 
-    def _request(self, model: str) -> tuple[tuple[str, str, int, int, str], Callable[[], nn.Module], int, str]:
+    def _aux_path(self, filename: str) -> Path | None:
+        # A1111 keeps them in models/GFPGAN for every restorer; CodeFormer's folder is also looked in.
+        for folder in (self.folders[GFPGAN], self.folders[CODEFORMER]):
+            if (folder / filename).is_file():
+                return folder / filename
+        return None
+
+    def _request(self, model: str) -> tuple[tuple[str, str, int, int, str], Callable[[], FaceNet], int, str]:
         """(manager key, loader, size estimate, label) of ``model``'s current weights file."""
         name = self._canonical(model)
         path = self.find(name)
         st = path.stat()
         key = (name, str(path), st.st_mtime_ns, st.st_size, str(self.device))
 
-        def load() -> nn.Module:
+        def load() -> FaceNet:
             sd = load_face_state_dict(path)
             arch = detect_architecture(sd)
-            if arch != name:
-                raise ModelFileError(f"{path} holds {arch} weights, not {name}")
+            # The GFPGAN folder takes any other face model spandrel knows (GFPGANer runs
+            # RestoreFormer too); build_face_model rejects what is not one (an upscaler, say).
+            if arch != name and not (name == GFPGAN and arch != CODEFORMER):
+                raise ModelFileError(
+                    f"{path} holds {arch} weights, not {name}: move it to the folder it belongs in "
+                    f"and put {_FOLDERS[name][1]} there"
+                )
             return build_face_model(sd, str(path)).to(self.device)
 
         # One network per restorer, as before: a replaced or re-chosen file frees the old one.
         self.manager.discard("face", lambda k: k[0] == name and k[4] == key[4] and k != key)
         return key, load, st.st_size, f"{name} ({path.name})"
 
-    def load(self, model: str) -> nn.Module:
+    def _aux_request(self, filename: str, cls: Callable[[], nn.Module], what: str) -> tuple | None:
+        path = self._aux_path(filename)
+        if path is None:
+            return None
+        st = path.stat()
+        key = (filename, str(path), st.st_mtime_ns, st.st_size, str(self.device))
+
+        def load() -> nn.Module:
+            return _load_aux(cls, path, what).to(self.device)
+
+        self.manager.discard("face", lambda k: k[0] == filename and k[4] == key[4] and k != key)
+        return key, load, st.st_size, filename
+
+    def load(self, model: str) -> FaceNet:
         """The network for ``model``, loaded (once per file version) from ``find(model)``."""
         return self.manager.get("face", *self._request(model))
+
+    def alignment_warning(self) -> str | None:
+        """What to add for A1111's aligned faces (None when the detector is there)."""
+        if self._aux_path(DETECTION_FILE) is None:
+            return (
+                f"face restoration uses OpenCV's Haar detector with unaligned square crops: put facexlib's "
+                f"{DETECTION_FILE} (and {PARSING_FILE} for A1111's face mask) in {self.folders[GFPGAN]} "
+                "to get A1111's RetinaFace-aligned faces"
+            )
+        return None
 
     def restore(
         self,
@@ -953,6 +945,16 @@ class FaceRestorers:
         """Detect faces and restore them (A1111 extras: visibility 0..1, CodeFormer weight 0..1).
 
         ``weight`` is CodeFormer's fidelity; GFPGAN has none and ignores it, as in A1111."""
+        return self.restore_with_warnings(image, model, visibility, weight)[0]
+
+    def restore_with_warnings(
+        self,
+        image: Image.Image,
+        model: str = CODEFORMER,
+        visibility: float = 1.0,
+        weight: float = 0.5,
+    ) -> tuple[Image.Image, list[str]]:
+        """``restore``, also returning warnings about how it ran (the Haar fallback)."""
         if not 0 <= visibility <= 1:
             raise InvalidRequestError(
                 f"face restoration visibility must be between 0 and 1, got {visibility}"
@@ -960,9 +962,26 @@ class FaceRestorers:
         if not 0 <= weight <= 1:
             raise InvalidRequestError(f"CodeFormer weight must be between 0 and 1, got {weight}")
         if visibility == 0:
-            return image.convert("RGB").copy()
+            return image.convert("RGB").copy(), []
+        det_what = f"replace it with facexlib's {DETECTION_FILE} (RetinaFace ResNet-50) or remove it"
+        par_what = f"replace it with facexlib's {PARSING_FILE} (ParseNet) or remove it"
+        det = self._aux_request(DETECTION_FILE, RetinaFace, det_what)
+        par = self._aux_request(PARSING_FILE, ParseNet, par_what) if det is not None else None
         with self.manager.use("face", *self._request(model)) as net:  # pinned while it runs
-            return restore_boxes(image, detect_faces(image), net, visibility, weight)
+            if det is None:
+                warning = self.alignment_warning() or ""
+                if warning not in self._warned:  # once per process and folder, not per image
+                    self._warned.add(warning)
+                    log.warning(warning)
+                return restore_boxes(image, detect_faces(image), net, visibility, weight), [warning]
+            with self.manager.use("face", *det) as detector:
+                found = detector.detect(np.asarray(image.convert("RGB")))
+            # A1111 skips faces whose eyes are under 5 px apart.
+            faces = [Face(b, s, p) for b, s, p in found if np.linalg.norm(p[0] - p[1]) >= 5]
+            if par is None:
+                return restore_aligned(image, faces, net, visibility, weight), []
+            with self.manager.use("face", *par) as parser:
+                return restore_aligned(image, faces, net, visibility, weight, parser), []
 
     @staticmethod
     def _canonical(model: str) -> str:

@@ -1,19 +1,25 @@
 """Image upscalers named and applied the way A1111 does: None, Lanczos, Nearest and model files.
 
-Model files live in A1111's folders ``models/ESRGAN``, ``models/RealESRGAN`` and ``models/SwinIR``
-(``.pth``, ``.pt``, ``.safetensors``). Their architecture is read from tensor names and shapes, never
-from the file name, so every size of these networks loads through the same path:
+Model files live in A1111's folders ``models/ESRGAN``, ``models/RealESRGAN``, ``models/SwinIR``,
+``models/DAT``, ``models/HAT`` and ``models/ScuNET`` (``.pth``, ``.pt``, ``.safetensors``). As in
+A1111 >= 1.8, Forge and ComfyUI, the networks and their detection come from spandrel: the
+architecture and its hyper-parameters are read from tensor names and shapes, never from the file
+name or folder, so every image super-resolution or restoration architecture spandrel knows (ESRGAN
+in its old, BSRGAN and Real-ESRGAN layouts, Real-ESRGAN Compact, SwinIR, Swin2SR, HAT, DAT, OmniSR,
+SPAN, RealCUGAN, ...) loads from any of these folders. Files that are not such a model (face
+restorers, inpainting models, checkpoints, LoRAs...) are refused with a ``ModelFileError`` that
+says what they are.
 
-* ESRGAN RRDBNet in the old ESRGAN layout (``model.0``, ``model.1.sub.N.RDBk.convJ.0``, ...), the
-  BSRGAN layout (``RRDB_trunk``, ``trunk_conv``, ``upconvN``, ``HRconv``) and basicsr's layout
-  (``conv_first``, ``body.N.rdbK.convJ``, ...), including Real-ESRGAN's pixel-unshuffle input for
-  2x and 1x models;
-* Real-ESRGAN's SRVGGNetCompact (general-x4v3, animevideov3) with PReLU activations;
-* SwinIR (classical, lightweight, real-world and denoising/JPEG heads; not Swin2SR or HAT).
+Upscalers use spandrel's own architectures only (spandrel is MIT-licensed), never those of
+spandrel_extra_arches (SRFormer, CodeFormer, Restormer, ...: non-commercial or copyleft licences),
+even after face restoration has installed that package into spandrel's global registry for
+CodeFormer: an upscaler folder must load the same files whatever ran before.
 
-The networks are written here rather than taken from spandrel/basicsr, which need torchvision.
-They run in float32 on RGB in [0, 1] (the colour order they were trained on; A1111 feeds them BGR,
-which shifts colours slightly) and tile large images so memory stays bounded by one tile.
+Models run in float32 on RGB in [0, 1] (the colour order they were trained on; A1111 feeds them
+BGR, which shifts colours slightly) and tile large images so memory stays bounded by one tile.
+Two speed-ups are applied to spandrel's networks at load time, neither changing a pixel: Swin-style
+networks share their shifted-window masks per tile shape instead of rebuilding them in every block
+at every call, and SwinIR's window attention runs through PyTorch's fused attention kernel.
 
 Sizes follow A1111's ``Upscaler.upscale``: the target is ``int(w * scale // 8 * 8)`` by the same for
 the height, a model is applied up to 3 times until the image is at least that big, then Lanczos
@@ -29,15 +35,18 @@ import math
 import os
 import re
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
+import spandrel
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from spandrel import ImageModelDescriptor, ModelTiling, SizeRequirements, UnsupportedModelError
 from torch import nn
 
 from ..errors import InvalidRequestError, ModelFileError, not_found
@@ -50,7 +59,8 @@ NEAREST = Image.Resampling.NEAREST
 
 NONE = "None"
 BUILTIN_UPSCALERS = (NONE, "Lanczos", "Nearest")
-MODEL_FOLDERS = ("ESRGAN", "RealESRGAN", "SwinIR")
+# A1111's upscaler folders (ScuNET, DAT and HAT since 1.8); any of them holds any architecture.
+MODEL_FOLDERS = ("ESRGAN", "RealESRGAN", "SwinIR", "DAT", "HAT", "ScuNET")
 UPSCALER_EXTS = (".pth", ".pt", ".safetensors")
 
 # A1111 applies a model at most this many times to reach the requested size.
@@ -68,639 +78,173 @@ REALESRGAN_NAMES = {
     "RealESRGAN_x2plus": "R-ESRGAN 2x+",
 }
 
-Shapes = Mapping[str, tuple[int, ...]]
-V = TypeVar("V")
+_IMAGE_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+
+# spandrel's purposes that map an image to an image of the same content: super-resolution and
+# 1x restoration (denoise, JPEG, sharpen). "FaceSR" needs aligned face crops.
+_UPSCALER_PURPOSES = ("SR", "Restoration")
 
 
 # --------------------------------------------------------------------------------------------------
-# Architecture detection
+# What a file holds
 
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """What a state dict holds: the architecture, its scale and the options to build it."""
+    """What a model file holds, as spandrel describes it."""
 
-    arch: str  # "ESRGAN", "SRVGGNetCompact" or "SwinIR"
+    arch: str  # spandrel's architecture name: "ESRGAN", "RealESRGAN Compact", "SwinIR", "HAT", ...
     scale: int
     in_channels: int
     out_channels: int
-    options: dict[str, Any] = field(default_factory=dict)
+    size_requirements: SizeRequirements = field(default_factory=SizeRequirements)
+    tiling: ModelTiling = ModelTiling.SUPPORTED
 
     @property
     def size_multiple(self) -> int:
         """Input sides must be a multiple of this (pixel-unshuffle models); inputs are padded to it."""
-        return int(self.options.get("unshuffle", 1))
+        return self.size_requirements.multiple_of
 
 
-def _unknown(source: str, why: str) -> ModelFileError:
-    return ModelFileError(
-        f"{source} is not a supported upscaler model ({why}); muralist reads ESRGAN, "
-        "Real-ESRGAN (RRDBNet, SRVGGNetCompact) and SwinIR models"
+@functools.cache
+def _registry() -> spandrel.ArchRegistry:
+    """spandrel's core architectures, without any that other modules added to its global registry."""
+    registry = spandrel.ArchRegistry()
+    registry.add(
+        *(
+            s
+            for s in spandrel.MAIN_REGISTRY
+            if type(s.architecture).__module__.startswith("spandrel.architectures.")
+        )
+    )
+    return registry
+
+
+def _spec(desc: ImageModelDescriptor[Any]) -> ArchSpec:
+    return ArchSpec(
+        desc.architecture.name,
+        desc.scale,
+        desc.input_channels,
+        desc.output_channels,
+        desc.size_requirements,
+        desc.tiling,
     )
 
 
-def _shape(shapes: Shapes, key: str, ndim: int, source: str) -> tuple[int, ...]:
-    shape = shapes.get(key)
-    if shape is None:
-        raise _unknown(source, f"missing tensor {key}")
-    if len(shape) != ndim:
-        raise _unknown(source, f"tensor {key} has shape {list(shape)}")
-    return tuple(shape)
-
-
-def _indices(keys: Iterable[str], pattern: str) -> list[int]:
-    """Sorted distinct integers captured by ``pattern``'s first group over the keys."""
-    rx = re.compile(pattern)
-    return sorted({int(m.group(1)) for k in keys if (m := rx.fullmatch(k))})
-
-
-_OLD_RDB = re.compile(r"model\.1\.sub\.(\d+)\.RDB(\d)\.conv(\d)\.0\.(weight|bias)")
-_OLD_TRUNK_CONV = re.compile(r"model\.1\.sub\.(\d+)\.(weight|bias)")
-_OLD_TOP = re.compile(r"model\.(\d+)\.(weight|bias)")
-
-
-def _old_esrgan_to_new(state: Mapping[str, V], source: str) -> dict[str, V]:
-    # The old model is one flat Sequential: first conv, the shortcut trunk, then per 2x step
-    # [Upsample, conv, LeakyReLU], then HR conv, LeakyReLU, last conv. Only convs hold weights,
-    # so with n upsampling steps the convs sit at 3, 6, ..., 3n, then 3n + 2 and 3n + 4.
-    tops = _indices(list(state), r"model\.(\d+)\.weight")
-    n = len(tops) - 3
-    if n < 0 or tops != [0] + [3 * (i + 1) for i in range(n)] + [3 * n + 2, 3 * n + 4]:
-        raise _unknown(source, f"unexpected ESRGAN layer indices {tops}")
-    names = {0: "conv_first", 3 * n + 2: "conv_hr", 3 * n + 4: "conv_last"}
-    names.update({3 * (i + 1): f"conv_up{i + 1}" for i in range(n)})
-    trunk_convs = _indices(list(state), r"model\.1\.sub\.(\d+)\.weight")
-    if len(trunk_convs) != 1:
-        raise _unknown(source, "cannot find the ESRGAN trunk conv")
-
-    out: dict[str, V] = {}
-    for key, value in state.items():
-        if m := _OLD_RDB.fullmatch(key):
-            out[f"body.{m[1]}.rdb{m[2]}.conv{m[3]}.{m[4]}"] = value
-        elif m := _OLD_TRUNK_CONV.fullmatch(key):
-            out[f"conv_body.{m[2]}"] = value
-        elif (m := _OLD_TOP.fullmatch(key)) and int(m[1]) in names:
-            out[f"{names[int(m[1])]}.{m[2]}"] = value
-        else:
-            out[key] = value  # e.g. ESRGAN+ conv1x1: left as is, so loading names it
-    return out
-
-
-_BSRGAN_RENAMES = (
-    (re.compile(r"RRDB_trunk\.(\d+)\.RDB(\d)\."), r"body.\1.rdb\2."),
-    (re.compile(r"trunk_conv\."), "conv_body."),
-    (re.compile(r"upconv(\d+)\."), r"conv_up\1."),
-    (re.compile(r"HRconv\."), "conv_hr."),
+# Layouts spandrel does not load as upscalers, recognised so the error can say what the file is and
+# where it belongs. (key test, what it is, what to do)
+_NOT_UPSCALERS: tuple[tuple[Callable[[Mapping[str, Any]], bool], str, str], ...] = (
+    (
+        lambda sd: "position_emb" in sd and any(k.startswith("quantize.") for k in sd),
+        "a CodeFormer face restoration model",
+        "put it in models/Codeformer",
+    ),
+    (
+        lambda sd: any(k.startswith(("model.diffusion_model.", "first_stage_model.")) for k in sd),
+        "a Stable Diffusion checkpoint",
+        "put it in models/Stable-diffusion",
+    ),
+    (
+        lambda sd: any(k.startswith(("control_model.", "input_hint_block.")) for k in sd),
+        "a ControlNet model",
+        "put it in models/ControlNet",
+    ),
+    (
+        lambda sd: any(
+            k.startswith(("lora_unet_", "lora_te")) or ".lora_down." in k or ".lora_A." in k for k in sd
+        ),
+        "a LoRA",
+        "put it in models/Lora",
+    ),
+    (
+        lambda sd: (
+            any(k.startswith("encoder.down.") for k in sd) and any(k.startswith("decoder.up.") for k in sd)
+        ),
+        "a VAE",
+        "put it in models/VAE",
+    ),
 )
 
 
-def _bsrgan_to_new(state: Mapping[str, V]) -> dict[str, V]:
-    out: dict[str, V] = {}
-    for key, value in state.items():
-        for rx, repl in _BSRGAN_RENAMES:
-            if rx.match(key):
-                key = rx.sub(repl, key, count=1)
-                break
-        out[key] = value
-    return out
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = re.sub(r"\s+", " ", str(exc)).strip() or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def normalize_keys(state: Mapping[str, V], source: str = "state dict") -> dict[str, V]:
-    """The state dict with ESRGAN's old and BSRGAN key layouts renamed to basicsr's; others unchanged.
-
-    Works on tensors or on shapes, so listing can detect a model from a file header alone.
-    """
-    keys = list(state)
-    if keys and all(k.startswith("module.") for k in keys):  # saved from DataParallel
-        state = {k[len("module."):]: v for k, v in state.items()}
-    if "model.0.weight" in state and any(k.startswith("model.1.sub.") for k in state):
-        return _old_esrgan_to_new(state, source)
-    if "conv_first.weight" in state and any(k.startswith("RRDB_trunk.") for k in state):
-        return _bsrgan_to_new(state)
-    return dict(state)
-
-
-def _detect_rrdb(shapes: Shapes, source: str) -> ArchSpec:
-    num_filters, in_raw = _shape(shapes, "conv_first.weight", 4, source)[:2]
-    blocks = _indices(list(shapes), r"body\.(\d+)\.rdb\d\.conv\d\.weight")
-    if blocks != list(range(len(blocks))):
-        raise _unknown(source, f"RRDB blocks are not numbered 0..n: {blocks[:5]}...")
-    growth = _shape(shapes, "body.0.rdb1.conv1.weight", 4, source)[0]
-    ups = _indices(list(shapes), r"conv_up(\d+)\.weight")
-    if ups != list(range(1, len(ups) + 1)):
-        raise _unknown(source, f"upsampling convs are not numbered 1..n: {ups}")
-    out_ch = _shape(shapes, "conv_last.weight", 4, source)[0]
-    _shape(shapes, "conv_body.weight", 4, source)
-    _shape(shapes, "conv_hr.weight", 4, source)
-    # Real-ESRGAN x2/x1 pixel-unshuffle the input by 2/4, so conv_first sees 4x/16x the channels.
-    unshuffle = 2 if in_raw == 4 * out_ch else 4 if in_raw == 16 * out_ch else 1
-    net_scale = 2 ** len(ups)
-    if net_scale % unshuffle:
-        raise _unknown(source, f"{len(ups)} upsampling steps cannot undo a {unshuffle}x pixel-unshuffle")
-    return ArchSpec(
-        "ESRGAN",
-        scale=net_scale // unshuffle,
-        in_channels=in_raw // unshuffle**2,
-        out_channels=out_ch,
-        options={
-            "num_filters": num_filters,
-            "num_blocks": len(blocks),
-            "growth": growth,
-            "num_upsamples": len(ups),
-            "unshuffle": unshuffle,
-        },
-    )
-
-
-def _detect_srvgg(shapes: Shapes, source: str) -> ArchSpec:
-    convs = [i for i in _indices(list(shapes), r"body\.(\d+)\.weight") if len(shapes[f"body.{i}.weight"]) == 4]
-    acts = [i for i in _indices(list(shapes), r"body\.(\d+)\.weight") if len(shapes[f"body.{i}.weight"]) == 1]
-    last = convs[-1] if convs else 0
-    if last < 2 or convs != list(range(0, last + 1, 2)):
-        raise _unknown(source, "SRVGGNetCompact convs are not at body.0, body.2, ...")
-    if acts != list(range(1, last, 2)):
-        raise _unknown(source, "only SRVGGNetCompact with PReLU activations is supported")
-    num_filters, in_ch = _shape(shapes, "body.0.weight", 4, source)[:2]
-    last_out = shapes[f"body.{last}.weight"][0]
-    # The last conv feeds a pixel shuffle: out_channels * scale^2 channels, out_channels == in.
-    scale = math.isqrt(last_out // in_ch)
-    if scale < 1 or scale * scale * in_ch != last_out:
-        raise _unknown(source, f"last conv has {last_out} channels, not {in_ch} x scale^2")
-    return ArchSpec(
-        "SRVGGNetCompact",
-        scale=scale,
-        in_channels=in_ch,
-        out_channels=in_ch,
-        options={"num_filters": num_filters, "num_conv": last // 2 - 1},
-    )
-
-
-def _detect_swinir(shapes: Shapes, source: str) -> ArchSpec:
-    keys = list(shapes)
-    if any("cpb_mlp" in k or "logit_scale" in k for k in keys):
-        raise ModelFileError(f"Swin2SR models are not supported: {source}")
-    if any(".conv_block.cab." in k or "overlap_attn" in k for k in keys):
-        raise ModelFileError(f"HAT models are not supported: {source}")
-    if "conv_first.weight" not in shapes or "absolute_pos_embed" in shapes:
-        raise ModelFileError(f"this SwinIR variant is not supported: {source}")
-    embed_dim, in_ch = _shape(shapes, "conv_first.weight", 4, source)[:2]
-
-    layers = _indices(keys, r"layers\.(\d+)\.residual_group\.blocks\.\d+\.norm1\.weight")
-    if not layers or layers != list(range(len(layers))):
-        raise _unknown(source, "SwinIR layers are not numbered 0..n")
-    depths, heads = [], []
-    for i in layers:
-        blocks = _indices(keys, rf"layers\.{i}\.residual_group\.blocks\.(\d+)\.norm1\.weight")
-        depths.append(len(blocks))
-        table = _shape(shapes, f"layers.{i}.residual_group.blocks.0.attn.relative_position_bias_table", 2, source)
-        heads.append(table[1])
-    table_rows = shapes["layers.0.residual_group.blocks.0.attn.relative_position_bias_table"][0]
-    window = (math.isqrt(table_rows) + 1) // 2
-    if (2 * window - 1) ** 2 != table_rows:
-        raise _unknown(source, f"relative position table of {table_rows} rows is not (2w-1)^2")
-    # Shifted (odd) blocks store their attention mask; a file with masks for some blocks only
-    # came from a model trained on images no larger than a window, where SwinIR drops the shift.
-    masked = {k for k in keys if k.endswith(".attn_mask")}
-    shifts = [
-        [j % 2 == 1 and (not masked or f"layers.{i}.residual_group.blocks.{j}.attn_mask" in masked) for j in range(d)]
-        for i, d in zip(layers, depths, strict=True)
-    ]
-    mlp_hidden = _shape(shapes, "layers.0.residual_group.blocks.0.mlp.fc1.weight", 2, source)[0]
-
-    if "conv_after_body.weight" in shapes:
-        resi = "1conv"
-    elif "conv_after_body.0.weight" in shapes:
-        resi = "3conv"
+def _unsupported(source: str, state: Mapping[str, Any]) -> ModelFileError:
+    for test, what, todo in _NOT_UPSCALERS:
+        if test(state):
+            return ModelFileError(f"{source} is {what}, not an upscaler; {todo}")
+    if not state:
+        why = "it holds no tensors"
     else:
-        raise _unknown(source, "no conv_after_body")
-
-    num_feat = 0
-    if "conv_before_upsample.0.weight" in shapes:
-        num_feat = shapes["conv_before_upsample.0.weight"][0]
-        out_ch = _shape(shapes, "conv_last.weight", 4, source)[0]
-        ups = _indices(keys, r"conv_up(\d+)\.weight")
-        if ups:
-            upsampler, factors = "nearest+conv", [2] * len(ups)
-        else:
-            upsampler = "pixelshuffle"
-            factors = []
-            for i in _indices(keys, r"upsample\.(\d+)\.weight"):
-                ratio = shapes[f"upsample.{i}.weight"][0] // num_feat
-                if ratio not in (4, 9):
-                    raise _unknown(source, f"upsample.{i} has {ratio}x channels")
-                factors.append(math.isqrt(ratio))
-        scale = math.prod(factors)
-    elif "upsample.0.weight" in shapes:
-        upsampler, out_ch = "pixelshuffledirect", in_ch
-        scale = math.isqrt(shapes["upsample.0.weight"][0] // out_ch)
-        factors = [scale]
-    else:
-        upsampler, out_ch, scale, factors = "", _shape(shapes, "conv_last.weight", 4, source)[0], 1, []
-
-    return ArchSpec(
-        "SwinIR",
-        scale=scale,
-        in_channels=in_ch,
-        out_channels=out_ch,
-        options={
-            "embed_dim": embed_dim,
-            "depths": depths,
-            "num_heads": heads,
-            "window_size": window,
-            "mlp_hidden": mlp_hidden,
-            "qkv_bias": "layers.0.residual_group.blocks.0.attn.qkv.bias" in shapes,
-            "patch_norm": "patch_embed.norm.weight" in shapes,
-            "resi_connection": resi,
-            "upsampler": upsampler,
-            "upsample_factors": factors,
-            "num_feat": num_feat,
-            "shifts": shifts,
-            # SwinIR's JPEG artifact models are the ones with 7-pixel windows, and they work in 0..255.
-            "img_range": 255.0 if window == 7 else 1.0,
-        },
+        keys = ", ".join(list(state)[:3])
+        why = f"spandrel {spandrel.__version__} recognises no architecture in its {len(state)} tensors ({keys}, ...)"
+    return ModelFileError(
+        f"{source} is not a supported upscaler model ({why}); upscalers are image super-resolution models "
+        "such as ESRGAN, Real-ESRGAN, SwinIR, HAT, DAT, OmniSR or SPAN"
     )
 
 
-def detect_architecture(shapes: Shapes, source: str = "state dict") -> ArchSpec:
-    """The architecture of a state dict (already through ``normalize_keys``) from its key names and shapes.
-
-    Raises ``ModelFileError`` naming ``source`` for layouts muralist cannot run.
-    """
-    if not shapes:
-        raise _unknown(source, "it holds no tensors")
-    if any(".residual_group.blocks." in k for k in shapes):
-        return _detect_swinir(shapes, source)
-    if "conv_first.weight" in shapes and "body.0.rdb1.conv1.weight" in shapes:
-        return _detect_rrdb(shapes, source)
-    if "body.0.weight" in shapes and all(k.startswith("body.") for k in shapes):
-        return _detect_srvgg(shapes, source)
-    raise _unknown(source, "unknown layout")
+def _detected_name(state: Mapping[str, Any]) -> str:
+    """The architecture spandrel's detection picks for a state dict that then failed to load."""
+    for support in _registry().architectures("detection"):
+        with contextlib.suppress(Exception):
+            if support.detect(state):
+                return support.architecture.name
+    return "known"
 
 
-# --------------------------------------------------------------------------------------------------
-# ESRGAN (RRDBNet)
+class _DoesNotFit(ModelFileError):
+    """spandrel detected an architecture but could not build it from the tensors."""
 
 
-class _ResidualDenseBlock(nn.Module):
-    """Five 3x3 convs, each seeing the block input and every earlier output."""
-
-    def __init__(self, num_filters: int, growth: int) -> None:
-        super().__init__()
-        for j in range(1, 6):
-            out = growth if j < 5 else num_filters
-            self.add_module(f"conv{j}", nn.Conv2d(num_filters + (j - 1) * growth, out, 3, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feats = [x]
-        for j in range(1, 5):
-            feats.append(F.leaky_relu(getattr(self, f"conv{j}")(torch.cat(feats, 1)), 0.2))
-        # Residuals are scaled by 0.2, as trained; unscaled they blow up through 23 blocks.
-        return x + 0.2 * self.conv5(torch.cat(feats, 1))
-
-
-class _RRDB(nn.Module):
-    def __init__(self, num_filters: int, growth: int) -> None:
-        super().__init__()
-        self.rdb1 = _ResidualDenseBlock(num_filters, growth)
-        self.rdb2 = _ResidualDenseBlock(num_filters, growth)
-        self.rdb3 = _ResidualDenseBlock(num_filters, growth)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + 0.2 * self.rdb3(self.rdb2(self.rdb1(x)))
-
-
-class RRDBNet(nn.Module):
-    """ESRGAN / Real-ESRGAN generator, with basicsr's parameter names."""
-
-    def __init__(
-        self,
-        in_channels: int = 3,
-        out_channels: int = 3,
-        num_filters: int = 64,
-        num_blocks: int = 23,
-        growth: int = 32,
-        num_upsamples: int = 2,
-        unshuffle: int = 1,
-    ) -> None:
-        super().__init__()
-        self.unshuffle = unshuffle
-        self.num_upsamples = num_upsamples
-        self.conv_first = nn.Conv2d(in_channels * unshuffle**2, num_filters, 3, 1, 1)
-        self.body = nn.Sequential(*(_RRDB(num_filters, growth) for _ in range(num_blocks)))
-        self.conv_body = nn.Conv2d(num_filters, num_filters, 3, 1, 1)
-        for i in range(1, num_upsamples + 1):
-            self.add_module(f"conv_up{i}", nn.Conv2d(num_filters, num_filters, 3, 1, 1))
-        self.conv_hr = nn.Conv2d(num_filters, num_filters, 3, 1, 1)
-        self.conv_last = nn.Conv2d(num_filters, out_channels, 3, 1, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.unshuffle > 1:
-            x = F.pixel_unshuffle(x, self.unshuffle)
-        feat = self.conv_first(x)
-        feat = feat + self.conv_body(self.body(feat))
-        for i in range(1, self.num_upsamples + 1):
-            feat = F.interpolate(feat, scale_factor=2, mode="nearest")
-            feat = F.leaky_relu(getattr(self, f"conv_up{i}")(feat), 0.2)
-        return self.conv_last(F.leaky_relu(self.conv_hr(feat), 0.2))
-
-
-# --------------------------------------------------------------------------------------------------
-# Real-ESRGAN SRVGGNetCompact
-
-
-class SRVGGNetCompact(nn.Module):
-    """A plain conv stack whose output is pixel-shuffled and added to a nearest-upscaled input."""
-
-    def __init__(
-        self, in_channels: int = 3, num_filters: int = 64, num_conv: int = 16, scale: int = 4
-    ) -> None:
-        super().__init__()
-        self.scale = scale
-        layers: list[nn.Module] = [nn.Conv2d(in_channels, num_filters, 3, 1, 1), nn.PReLU(num_filters)]
-        for _ in range(num_conv):
-            layers += [nn.Conv2d(num_filters, num_filters, 3, 1, 1), nn.PReLU(num_filters)]
-        layers.append(nn.Conv2d(num_filters, in_channels * scale * scale, 3, 1, 1))
-        self.body = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.pixel_shuffle(self.body(x), self.scale)
-        return out + F.interpolate(x, scale_factor=self.scale, mode="nearest")
-
-
-# --------------------------------------------------------------------------------------------------
-# SwinIR
-
-
-def _relative_position_index(window: int) -> torch.Tensor:
-    """For each pair of positions in a window, the row of their offset in the bias table."""
-    ys, xs = torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")
-    coords = torch.stack((ys.flatten(), xs.flatten()))  # 2, N
-    rel = (coords[:, :, None] - coords[:, None, :]) + (window - 1)  # offsets shifted to >= 0
-    return rel[0] * (2 * window - 1) + rel[1]
-
-
-def _partition(x: torch.Tensor, window: int) -> torch.Tensor:
-    """(B, H, W, C) -> (B * windows, window, window, C)."""
-    b, h, w, c = x.shape
-    x = x.view(b, h // window, window, w // window, window, c)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window, window, c)
-
-
-def _merge(windows: torch.Tensor, window: int, h: int, w: int) -> torch.Tensor:
-    """Inverse of ``_partition``."""
-    b = windows.shape[0] // ((h // window) * (w // window))
-    x = windows.view(b, h // window, w // window, window, window, -1)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, -1)
-
-
-@functools.lru_cache(maxsize=8)  # a few tile shapes recur; masks can be megabytes
-def _shift_mask(h: int, w: int, window: int, shift: int) -> torch.Tensor:
-    """(windows, N, N) additive mask keeping rolled-around pixels from attending across the seam."""
-    regions = torch.zeros(1, h, w, 1)
-    cuts = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
-    label = 0
-    for hs in cuts:
-        for ws in cuts:
-            regions[:, hs, ws, :] = label
-            label += 1
-    windows = _partition(regions, window).reshape(-1, window * window)
-    differ = windows[:, None, :] != windows[:, :, None]
-    return torch.zeros(differ.shape).masked_fill(differ, -100.0)
-
-
-class _WindowAttention(nn.Module):
-    def __init__(self, dim: int, window: int, heads: int, qkv_bias: bool) -> None:
-        super().__init__()
-        self.heads = heads
-        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, heads))
-        # Recomputed rather than loaded: it is a pure function of the window size.
-        self.register_buffer("relative_position_index", _relative_position_index(window), persistent=False)
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        index = self.relative_position_index.reshape(-1)  # type: ignore[operator]
-        bias = self.relative_position_bias_table[index].view(n, n, -1).permute(2, 0, 1).unsqueeze(0)
-        if mask is not None:
-            windows = mask.shape[0]
-            bias = (bias + mask.unsqueeze(1)).repeat(b // windows, 1, 1, 1)
-        # Default scale 1/sqrt(head_dim) is SwinIR's qk_scale.
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
-        return self.proj(out.transpose(1, 2).reshape(b, n, c))
-
-
-class _Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
-class _SwinBlock(nn.Module):
-    def __init__(self, dim: int, heads: int, window: int, shift: int, mlp_hidden: int, qkv_bias: bool) -> None:
-        super().__init__()
-        self.window, self.shift = window, shift
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = _WindowAttention(dim, window, heads, qkv_bias)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = _Mlp(dim, mlp_hidden)
-
-    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        h, w = size
-        b, _, c = x.shape
-        y = self.norm1(x).view(b, h, w, c)
-        mask = None
-        if self.shift:
-            y = torch.roll(y, (-self.shift, -self.shift), (1, 2))
-            mask = _shift_mask(h, w, self.window, self.shift).to(x.device)
-        windows = _partition(y, self.window).view(-1, self.window * self.window, c)
-        y = _merge(self.attn(windows, mask).view(-1, self.window, self.window, c), self.window, h, w)
-        if self.shift:
-            y = torch.roll(y, (self.shift, self.shift), (1, 2))
-        x = x + y.reshape(b, h * w, c)
-        return x + self.mlp(self.norm2(x))
-
-
-def _residual_conv(dim: int, kind: str) -> nn.Module:
-    if kind == "1conv":
-        return nn.Conv2d(dim, dim, 3, 1, 1)
-    # "3conv" saves parameters with a bottleneck; indices 0, 2, 4 hold the weights.
-    return nn.Sequential(
-        nn.Conv2d(dim, dim // 4, 3, 1, 1),
-        nn.LeakyReLU(0.2),
-        nn.Conv2d(dim // 4, dim // 4, 1, 1, 0),
-        nn.LeakyReLU(0.2),
-        nn.Conv2d(dim // 4, dim, 3, 1, 1),
-    )
-
-
-class _SwinGroup(nn.Module):
-    def __init__(self, blocks: list[_SwinBlock]) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(blocks)
-
-    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x, size)
-        return x
-
-
-class _RSTB(nn.Module):
-    """Residual Swin Transformer block: Swin blocks, a conv on the image-shaped tokens, a skip."""
-
-    def __init__(self, blocks: list[_SwinBlock], dim: int, resi_connection: str) -> None:
-        super().__init__()
-        self.residual_group = _SwinGroup(blocks)
-        self.conv = _residual_conv(dim, resi_connection)
-
-    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        b, _, c = x.shape
-        y = self.residual_group(x, size).transpose(1, 2).reshape(b, c, *size)
-        return self.conv(y).flatten(2).transpose(1, 2) + x
-
-
-class _PatchNorm(nn.Module):
-    # SwinIR's PatchEmbed holds nothing but this norm (patch size 1), hence "patch_embed.norm".
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-
-
-class SwinIR(nn.Module):
-    """SwinIR with all four reconstruction heads; inputs are padded to the window size and cropped back."""
-
-    def __init__(
-        self,
-        *,
-        in_channels: int,
-        out_channels: int,
-        embed_dim: int,
-        depths: list[int],
-        num_heads: list[int],
-        window_size: int,
-        mlp_hidden: int,
-        qkv_bias: bool,
-        patch_norm: bool,
-        resi_connection: str,
-        upsampler: str,
-        upsample_factors: list[int],
-        num_feat: int,
-        shifts: list[list[bool]],
-        img_range: float,
-        scale: int,
-    ) -> None:
-        super().__init__()
-        self.window_size, self.upsampler, self.img_range, self.scale = window_size, upsampler, img_range, scale
-        mean = (0.4488, 0.4371, 0.4040) if in_channels == 3 else (0.0,) * in_channels  # DIV2K RGB mean
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
-
-        self.conv_first = nn.Conv2d(in_channels, embed_dim, 3, 1, 1)
-        self.patch_embed = _PatchNorm(embed_dim) if patch_norm else None
-        self.layers = nn.ModuleList(
-            _RSTB(
-                [
-                    _SwinBlock(embed_dim, heads, window_size, window_size // 2 if shifted else 0, mlp_hidden, qkv_bias)
-                    for shifted in layer_shifts
-                ],
-                embed_dim,
-                resi_connection,
-            )
-            for heads, layer_shifts in zip(num_heads, shifts, strict=True)
+def _load_descriptor(
+    source: str, state: Mapping[str, torch.Tensor], device: torch.device
+) -> ImageModelDescriptor[Any]:
+    """spandrel's model for a state dict, on ``device``; every refusal is a ``ModelFileError``."""
+    try:
+        desc = spandrel.ModelLoader(device, registry=_registry()).load_from_state_dict(dict(state))
+    except UnsupportedModelError:
+        raise _unsupported(source, state) from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # detected, but the tensors do not fit that architecture
+        name = _detected_name(state)
+        article = "an" if name[:1].upper() in "AEIOU" else "a"
+        raise _DoesNotFit(
+            f"{source} looks like {article} {name} model but its tensors do not fit ({_one_line(exc)})"
+        ) from None
+    name = desc.architecture.name
+    if not isinstance(desc, ImageModelDescriptor):  # spandrel's other kind takes a mask too
+        raise ModelFileError(
+            f"{source} is {name}, an inpainting model (image + mask), not an upscaler; remove it from the upscaler folders"
         )
-        self.norm = nn.LayerNorm(embed_dim)
-        self.conv_after_body = _residual_conv(embed_dim, resi_connection)
-
-        if upsampler in ("pixelshuffle", "nearest+conv"):
-            # nn.LeakyReLU's default slope (0.01) here, as in SwinIR, unlike the 0.2 elsewhere.
-            self.conv_before_upsample = nn.Sequential(nn.Conv2d(embed_dim, num_feat, 3, 1, 1), nn.LeakyReLU())
-        if upsampler == "pixelshuffle":
-            steps: list[nn.Module] = []
-            for f in upsample_factors:
-                steps += [nn.Conv2d(num_feat, f * f * num_feat, 3, 1, 1), nn.PixelShuffle(f)]
-            self.upsample = nn.Sequential(*steps)
-            self.conv_last = nn.Conv2d(num_feat, out_channels, 3, 1, 1)
-        elif upsampler == "pixelshuffledirect":
-            self.upsample = nn.Sequential(
-                nn.Conv2d(embed_dim, scale * scale * out_channels, 3, 1, 1), nn.PixelShuffle(scale)
-            )
-        elif upsampler == "nearest+conv":
-            self.num_up = len(upsample_factors)
-            for i in range(1, self.num_up + 1):
-                self.add_module(f"conv_up{i}", nn.Conv2d(num_feat, num_feat, 3, 1, 1))
-            self.conv_hr = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
-            self.conv_last = nn.Conv2d(num_feat, out_channels, 3, 1, 1)
-        else:
-            self.conv_last = nn.Conv2d(embed_dim, out_channels, 3, 1, 1)
-
-    def _deep_features(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        t = x.flatten(2).transpose(1, 2)
-        if self.patch_embed is not None:
-            t = self.patch_embed.norm(t)
-        for layer in self.layers:
-            t = layer(t, (h, w))
-        return self.norm(t).transpose(1, 2).reshape(b, c, h, w)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        x = _pad_to_multiple(x, self.window_size)
-        x = (x - self.mean) * self.img_range
-        feat = self.conv_first(x)
-        feat = self.conv_after_body(self._deep_features(feat)) + feat
-        if self.upsampler == "pixelshuffle":
-            out = self.conv_last(self.upsample(self.conv_before_upsample(feat)))
-        elif self.upsampler == "pixelshuffledirect":
-            out = self.upsample(feat)
-        elif self.upsampler == "nearest+conv":
-            feat = self.conv_before_upsample(feat)
-            for i in range(1, self.num_up + 1):
-                feat = F.interpolate(feat, scale_factor=2, mode="nearest")
-                feat = F.leaky_relu(getattr(self, f"conv_up{i}")(feat), 0.2)
-            out = self.conv_last(F.leaky_relu(self.conv_hr(feat), 0.2))
-        else:  # denoising / JPEG: predicts a residual on the input
-            out = x + self.conv_last(feat)
-        out = out / self.img_range + self.mean
-        return out[..., : h * self.scale, : w * self.scale]
-
-
-def build_model(spec: ArchSpec) -> nn.Module:
-    """An untrained network of the detected architecture (load the weights with ``load_state_dict``)."""
-    o = spec.options
-    if spec.arch == "ESRGAN":
-        return RRDBNet(
-            spec.in_channels,
-            spec.out_channels,
-            o["num_filters"],
-            o["num_blocks"],
-            o["growth"],
-            o["num_upsamples"],
-            o["unshuffle"],
+    if desc.purpose == "FaceSR":  # works on aligned face crops only: A1111 keeps these elsewhere
+        raise ModelFileError(
+            f"{source} is a {name} face restoration model, not an upscaler; face restorers go in "
+            "models/GFPGAN or models/Codeformer"
         )
-    if spec.arch == "SRVGGNetCompact":
-        return SRVGGNetCompact(spec.in_channels, o["num_filters"], o["num_conv"], spec.scale)
-    if spec.arch == "SwinIR":
-        return SwinIR(in_channels=spec.in_channels, out_channels=spec.out_channels, scale=spec.scale, **o)
-    raise ValueError(f"unknown architecture {spec.arch!r}")
+    if desc.purpose not in _UPSCALER_PURPOSES:
+        raise ModelFileError(f"{source} is a {name} model for {desc.purpose}, not an upscaler")
+    if desc.input_channels not in _IMAGE_MODES or desc.output_channels not in _IMAGE_MODES:
+        raise ModelFileError(
+            f"{source} maps {desc.input_channels} to {desc.output_channels} channels; "
+            "muralist runs 1 (grey), 3 (RGB) or 4 (RGBA) channel models"
+        )
+    return desc
 
 
 # --------------------------------------------------------------------------------------------------
 # Reading model files
 
 
-def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
-    # basicsr saves {"params_ema": ..., "params": ...}; the EMA weights are the released ones.
-    if isinstance(obj, dict):
-        for key in ("params_ema", "params", "state_dict"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
+def _tensors(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    # spandrel's canonical form: unwrapped from basicsr's params_ema/params, "state_dict", "model"...
+    # and without DataParallel's "module." prefix.
     if not isinstance(obj, dict):
         raise ModelFileError(f"{path} does not hold a state dict (found {type(obj).__name__})")
+    obj = spandrel.canonicalize_state_dict(obj)
     return {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
@@ -709,15 +253,15 @@ def _check_ext(path: Path) -> None:
         raise ModelFileError(f"{path} is not an upscaler model; expected one of {', '.join(UPSCALER_EXTS)}")
 
 
-def read_upscaler_state(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """All tensors of an upscaler file, unwrapped from basicsr's ``params_ema``/``params``."""
+def read_upscaler_state(path: str | os.PathLike[str], mmap: bool = False) -> dict[str, torch.Tensor]:
+    """All tensors of an upscaler file on the CPU, unwrapped and unprefixed as spandrel expects."""
     path = Path(path)
     _check_ext(path)
     if path.suffix.lower() == ".safetensors":
-        return files.load_state_dict(path)
-    # files.load_state_dict drops nested dicts, and basicsr nests the weights: unwrap them here,
-    # with the same weights-only loader.
-    return _unwrap(files.load_pickle(path), path)
+        return _tensors(files.load_state_dict(path), path)
+    # muralist's weights-only unpickler (files refuses unsafe pickles), not spandrel's file loader;
+    # basicsr nests the weights, which load_pickle keeps.
+    return _tensors(files.load_pickle(path, mmap=mmap), path)
 
 
 def read_upscaler_shapes(path: str | os.PathLike[str]) -> dict[str, tuple[int, ...]]:
@@ -725,13 +269,26 @@ def read_upscaler_shapes(path: str | os.PathLike[str]) -> dict[str, tuple[int, .
     path = Path(path)
     _check_ext(path)
     if path.suffix.lower() == ".safetensors":
-        return files.read_shapes(path)
-    return {k: tuple(v.shape) for k, v in _unwrap(files.load_pickle(path, mmap=True), path).items()}
+        return dict(spandrel.canonicalize_state_dict(files.read_shapes(path)))
+    return {k: tuple(v.shape) for k, v in read_upscaler_state(path, mmap=True).items()}
 
 
 def describe_file(path: str | os.PathLike[str]) -> ArchSpec:
-    """The architecture and scale of a model file, read from its shapes only."""
-    return detect_architecture(normalize_keys(read_upscaler_shapes(path), str(path)), str(path))
+    """The architecture and scale of a model file; ``ModelFileError`` if it is not an upscaler.
+
+    The network is first built on the meta device from the tensor shapes alone (no weights read,
+    no memory used); the few architectures whose set-up needs real values are built on the CPU.
+    """
+    path = Path(path)
+    shapes = read_upscaler_shapes(path)
+    meta = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+    try:
+        with torch.device("meta"):
+            return _spec(_load_descriptor(str(path), meta, torch.device("meta")))
+    except _DoesNotFit:
+        pass  # possibly only the meta device (no values); any other verdict needs shapes only
+    # mmap: the pages of a .pth are read only as far as building the network touches them.
+    return _spec(_load_descriptor(str(path), read_upscaler_state(path, mmap=True), torch.device("cpu")))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -757,14 +314,11 @@ def _spans(length: int, tile: int, multiple: int) -> list[tuple[int, int]]:
     return [(a, min(a + step, length)) for a in range(0, length, step)]
 
 
-_IMAGE_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
-
-
 @dataclass
 class UpscalerModel:
-    """A loaded network, ready to upscale images by its ``scale`` factor."""
+    """A loaded network (spandrel's descriptor), ready to upscale images by its ``scale`` factor."""
 
-    module: nn.Module
+    descriptor: ImageModelDescriptor[Any]
     spec: ArchSpec
     source: str
     device: torch.device
@@ -772,6 +326,11 @@ class UpscalerModel:
     @property
     def scale(self) -> int:
         return self.spec.scale
+
+    @property
+    def module(self) -> nn.Module:
+        """The bare network."""
+        return self.descriptor.model
 
     def _tiles(
         self, x: torch.Tensor, tile: int, tile_overlap: int
@@ -781,17 +340,23 @@ class UpscalerModel:
         Each tile is run with ``tile_overlap`` pixels of surrounding context and the context is
         cropped from its output, so tiles abut without blending. When the context covers the
         network's receptive field the result equals an untiled run; with less, seams are faint.
+        Tiles below the model's minimum size (or not square where it must be) are padded by
+        spandrel and cropped back.
         """
-        m, s = self.spec.size_multiple, self.scale
+        req, s = self.spec.size_requirements, self.scale
+        m = req.multiple_of
         x = _pad_to_multiple(x, m)
         h, w = x.shape[-2:]
-        tile = max(tile, m) if tile > 0 else 0
+        # DISCOURAGED (SwinIR, SCUNet...) still tiles, as A1111 tiles SwinIR: memory must stay
+        # bounded on a shared GPU, and a context of tile_overlap hides most seams.
+        if self.spec.tiling is ModelTiling.INTERNAL:
+            tile = 0  # the network tiles itself; outer tiles would only add seams
+        tile = max(tile, m, req.minimum) if tile > 0 else 0
         ctx = -(-max(tile_overlap, 0) // m) * m  # keep unshuffle groups aligned
         for y0, y1 in _spans(h, tile, m):
             for x0, x1 in _spans(w, tile, m):
                 py0, py1, px0, px1 = max(y0 - ctx, 0), min(y1 + ctx, h), max(x0 - ctx, 0), min(x1 + ctx, w)
-                with torch.inference_mode():
-                    out = self.module(x[..., py0:py1, px0:px1])
+                out = self.descriptor(x[..., py0:py1, px0:px1])
                 if out.shape[-2:] != ((py1 - py0) * s, (px1 - px0) * s):
                     raise ModelFileError(
                         f"{self.source} produced a {tuple(out.shape[-2:])} tile for a "
@@ -802,14 +367,14 @@ class UpscalerModel:
                 yield slice(y0 * s, y1 * s), slice(x0 * s, x1 * s), crop
 
     def upscale_tensor(self, x: torch.Tensor, tile: int = 192, tile_overlap: int = 8) -> torch.Tensor:
-        """(1, C, H, W) float in [0, 1] -> (1, C_out, H * scale, W * scale), unclamped; tile <= 0: whole."""
+        """(1, C, H, W) float in [0, 1] -> (1, C_out, H * scale, W * scale) in [0, 1]; tile <= 0: whole."""
         h, w = x.shape[-2:]
         x = x.to(self.device, torch.float32)
         out: torch.Tensor | None = None
+        m = self.spec.size_multiple
         for rows, cols, patch in self._tiles(x, tile, tile_overlap):
             if out is None:
-                hp, wp = -(-h // self.spec.size_multiple), -(-w // self.spec.size_multiple)
-                size = (hp * self.spec.size_multiple * self.scale, wp * self.spec.size_multiple * self.scale)
+                size = (-(-h // m) * m * self.scale, -(-w // m) * m * self.scale)
                 out = patch.new_empty(*patch.shape[:2], *size)
             out[..., rows, cols] = patch
         assert out is not None
@@ -827,54 +392,112 @@ class UpscalerModel:
         x = torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).to(self.device)
         h, w = arr.shape[:2]
         # Tiles go straight into a uint8 image: a float copy of a 4x output would be 4x larger.
-        hp = -(-h // self.spec.size_multiple) * self.spec.size_multiple
-        wp = -(-w // self.spec.size_multiple) * self.spec.size_multiple
-        out = np.empty((hp * self.scale, wp * self.scale, self.spec.out_channels), dtype=np.uint8)
+        m = self.spec.size_multiple
+        out = np.empty(
+            (-(-h // m) * m * self.scale, -(-w // m) * m * self.scale, self.spec.out_channels), np.uint8
+        )
         for rows, cols, patch in self._tiles(x, tile, tile_overlap):
             pixels = patch[0].clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0)
             out[rows, cols] = pixels.cpu().numpy()
         out = out[: h * self.scale, : w * self.scale]
-        result = Image.fromarray(out[:, :, 0] if out.shape[2] == 1 else out, _IMAGE_MODES[self.spec.out_channels])
+        result = Image.fromarray(
+            out[:, :, 0] if out.shape[2] == 1 else out, _IMAGE_MODES[self.spec.out_channels]
+        )
         if alpha is not None and result.mode == "RGB":
             result.putalpha(alpha.resize(result.size, LANCZOS))
         return result
 
 
-def _load_error(path: Path, spec: ArchSpec, module: nn.Module, state: Mapping[str, torch.Tensor]) -> str | None:
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    problems = []
-    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-        if keys:
-            problems.append(f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}")
-    if not problems:
-        return None
-    return f"{path} looks like a {spec.arch} model but its tensors do not fit ({'; '.join(problems)})"
+# Swin-style networks whose shifted-window mask depends only on the input size, the window and the
+# shift. spandrel rebuilds it on the CPU (and copies it to the device) at every call whose size
+# differs from the training size, which for tiles is every call and, for SwinIR, every block.
+_MASKED_ARCHS = ("SwinIR", "Swin2SR", "DRCT", "HAT")
+_MASKS: OrderedDict[tuple[Any, ...], torch.Tensor] = OrderedDict()
+_MASKS_LOCK = threading.Lock()
+# ids of the cached masks that are all zeros (blocks without shift get one too): attention skips them.
+_ZERO_MASKS: set[int] = set()
+_MASKS_KEPT = 8  # a few tile shapes recur (inner, right, bottom, corner); masks can be megabytes
+
+
+def _shared_masks(model: nn.Module, device: torch.device) -> None:
+    """Makes the Swin blocks of ``model`` share their shift masks, built once per shape on ``device``."""
+    for block in model.modules():
+        arch = type(block).__module__.split(".")
+        compute = getattr(block, "calculate_mask", None)
+        window, shift = getattr(block, "window_size", None), getattr(block, "shift_size", None)
+        if len(arch) < 3 or arch[2] not in _MASKED_ARCHS or compute is None:
+            continue
+        if not isinstance(window, int) or not isinstance(shift, int):
+            continue
+        kind = (type(block).__module__, type(block).__qualname__, window, shift, str(device))
+        block.calculate_mask = functools.partial(_shift_mask, compute, kind, device)  # type: ignore[method-assign]
+
+
+def _shift_mask(compute: Callable[..., torch.Tensor], kind: tuple[Any, ...], device: torch.device,
+                x_size: Any, *args: Any, **kwargs: Any) -> torch.Tensor:  # fmt: skip
+    key = (*kind, tuple(int(v) for v in x_size), *args, *sorted(kwargs.items()))
+    with _MASKS_LOCK:
+        mask = _MASKS.get(key)
+        if mask is not None:
+            _MASKS.move_to_end(key)
+            return mask
+    mask = compute(x_size, *args, **kwargs).to(device)
+    with _MASKS_LOCK:
+        if key in _MASKS:  # another thread built it meanwhile: keep one object per key
+            return _MASKS[key]
+        _MASKS[key] = mask
+        if not mask.any():
+            _ZERO_MASKS.add(id(mask))
+        while len(_MASKS) > _MASKS_KEPT:
+            _ZERO_MASKS.discard(id(_MASKS.popitem(last=False)[1]))
+    return mask
+
+
+def _fused_window_attention(
+    attn: nn.Module, x: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """SwinIR's window attention through ``scaled_dot_product_attention``: the same sums as
+    spandrel's matmul/softmax forward (within float rounding), at about twice the speed (fused
+    kernels on CPU and GPU), which SwinIR, where attention is most of the work, would otherwise lose."""
+    b, n, c = x.shape
+    heads = attn.num_heads
+    q, k, v = attn.qkv(x).reshape(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4).unbind(0)
+    index = attn.relative_position_index.view(-1)
+    bias = attn.relative_position_bias_table[index].view(n, n, heads).permute(2, 0, 1).unsqueeze(0)
+    if mask is not None and id(mask) not in _ZERO_MASKS:
+        # The windows of each image are consecutive in the batch.
+        windows = mask.shape[0]
+        bias = (bias + mask.unsqueeze(1).to(bias.dtype)).repeat(b // windows, 1, 1, 1)
+    # 4-D inputs and mask throughout: anything else makes PyTorch fall back to unfused attention.
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scale)
+    return attn.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+def _speed_up(model: nn.Module, device: torch.device) -> None:
+    """Shared shift masks for Swin-style networks, fused attention for SwinIR (see above)."""
+    _shared_masks(model, device)
+    for module in model.modules():
+        kind = type(module)
+        if kind.__name__ == "WindowAttention" and kind.__module__.startswith(
+            "spandrel.architectures.SwinIR."
+        ):
+            if all(
+                hasattr(module, a)
+                for a in ("qkv", "proj", "relative_position_bias_table", "scale", "num_heads")
+            ):
+                module.forward = functools.partial(_fused_window_attention, module)  # type: ignore[method-assign]
 
 
 def load_upscaler_model(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> UpscalerModel:
-    """Reads, detects and builds the network in a model file; every failure is a ``ModelFileError``."""
+    """Reads a model file and builds its network with spandrel; every failure is a ``ModelFileError``."""
     path = Path(path)
-    state = normalize_keys(read_upscaler_state(path), str(path))
-    spec = detect_architecture({k: tuple(v.shape) for k, v in state.items()}, str(path))
-    if spec.in_channels not in _IMAGE_MODES or spec.out_channels not in _IMAGE_MODES:
-        raise ModelFileError(
-            f"{path} maps {spec.in_channels} to {spec.out_channels} channels; "
-            "muralist runs 1 (grey), 3 (RGB) or 4 (RGBA) channel models"
-        )
-    module = build_model(spec)
-    if spec.arch == "SwinIR":
-        # Buffers SwinIR recomputes for the actual input size.
-        state = {k: v for k, v in state.items() if not k.endswith((".attn_mask", ".relative_position_index"))}
-    problem = _load_error(path, spec, module, state)
-    if problem:
-        raise ModelFileError(problem)
-    module.load_state_dict({k: v.float() for k, v in state.items()})
     dev = torch.device(device)
-    module.to(dev).float().eval().requires_grad_(False)
-    return UpscalerModel(module, spec, str(path), dev)
+    desc = _load_descriptor(str(path), read_upscaler_state(path), torch.device("cpu"))
+    # float32 whatever the file stores, as before: half precision changes results per device.
+    desc.to(dev).float().eval()
+    desc.model.requires_grad_(False)
+    _speed_up(desc.model, dev)
+    return UpscalerModel(desc, _spec(desc), str(path), dev)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1009,7 +632,9 @@ class UpscalerRegistry:
         return self.manager.get("upscaler", key, load, estimate, label)
 
     @contextlib.contextmanager
-    def use(self, upscaler: str | UpscalerInfo, device: str | torch.device = "cpu") -> Iterator[UpscalerModel]:
+    def use(
+        self, upscaler: str | UpscalerInfo, device: str | torch.device = "cpu"
+    ) -> Iterator[UpscalerModel]:
         """Like ``load``, with the model pinned (never evicted) for the duration of the block."""
         key, load, estimate, label = self._request(upscaler, device)
         with self.manager.use("upscaler", key, load, estimate, label) as model:
@@ -1078,7 +703,9 @@ def upscale(
         raise InvalidRequestError("give either an upscale factor or a target size, not both or neither")
     name, info = _resolve(upscaler, registry)
     # A model upscaler stays pinned while it runs, so no other load evicts it from the budget.
-    using = registry.use(info, device) if registry is not None and info is not None else contextlib.nullcontext()
+    using = (
+        registry.use(info, device) if registry is not None and info is not None else contextlib.nullcontext()
+    )
     with using as model:
         return _upscale(image, name, model, scale, target, tile, tile_overlap)
 

@@ -388,7 +388,11 @@ async function showQueue() {
 function parseInfotext(text) {
   const lines = text.split("\n");
   const params = {};
-  for (const m of lines[lines.length - 1].matchAll(/\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)/g)) params[m[1]] = m[2];
+  for (const m of lines[lines.length - 1].matchAll(/\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)/g)) {
+    let v = m[2];
+    if (v.length > 1 && v.startsWith('"') && v.endsWith('"')) { try { v = JSON.parse(v); } catch { /* keep as written */ } }
+    params[m[1]] = v;
+  }
   const neg = lines.findIndex((l) => l.startsWith("Negative prompt:"));
   params.prompt = lines.slice(0, neg >= 0 ? neg : lines.length - 1).join("\n");
   params.negative = neg >= 0 ? lines.slice(neg, lines.length - 1).join("\n").replace(/^Negative prompt: /, "") : "";
@@ -403,7 +407,17 @@ function applyInfotext(text) {
   if (p["CFG scale"]) $("cfg_scale").value = p["CFG scale"];
   if (p.Seed) $("seed").value = p.Seed;
   if (p.Sampler) $("sampler_name").value = p.Sampler;
+  // A1111's paste: a missing "Schedule type" is Automatic, a missing variation strength is 0.
+  $("scheduler").value = p["Schedule type"] || "Automatic";
   if (p.Size) { const [w, h] = p.Size.split("x"); $("width").value = w; $("height").value = h; }
+  if (p["Variation seed"]) $("subseed").value = p["Variation seed"];
+  $("subseed_strength").value = p["Variation seed strength"] || 0;
+  if (p["Denoising strength"]) $("denoising_strength").value = p["Denoising strength"];
+  // Hires fix is on when a denoising strength comes with a hires key (A1111's rule).
+  $("enable_hr").checked = !!p["Denoising strength"] && !!(p["Hires upscale"] || p["Hires upscaler"] || p["Hires resize"]);
+  if (p["Hires upscale"]) $("hr_scale").value = p["Hires upscale"];
+  if (p["Hires upscaler"]) $("hr_upscaler").value = p["Hires upscaler"];
+  $("hr_second_pass_steps").value = p["Hires steps"] || 0;
   applyUnits(p);
   countTokens();
 }
