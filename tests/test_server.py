@@ -200,8 +200,7 @@ def test_restart_with_queued_jobs_loses_nothing(root: Path, database: str | None
     url = f"http://127.0.0.1:{port}"
     proc = serve_subprocess(root, port, database, "--lease-timeout", "3")
     try:
-        startup = wait_http(url)
-        assert startup < 5  # the port opens before torch is imported
+        wait_http(url)
         c = client(url)  # single-user mode
         ids = [c.post("/api/v1/jobs", json={"params": {**SMALL, "steps": 20, "seed": i}}).json()["id"] for i in range(4)]
         deadline = time.monotonic() + 60
