@@ -79,12 +79,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_dirs(g)
 
-    m = sub.add_parser("models", help="list or create models")
+    m = sub.add_parser("models", help="list, create or merge models")
     msub = m.add_subparsers(dest="models_command", required=True)
     ml = msub.add_parser("list", help="list checkpoints: title, family, hash, size")
     _add_dirs(ml)
     mt = msub.add_parser("make-tiny", help="write tiny random-weight SD1/SD2/SDXL models (for trying muralist out)")
     _add_dirs(mt)
+    mm = msub.add_parser("merge", help="merge checkpoints as A1111's Checkpoint Merger; the result goes to the checkpoint folder")
+    mm.add_argument("--primary", required=True, help="model A (title, name or hash)")
+    mm.add_argument("--secondary", help="model B (not needed for no_interpolation)")
+    mm.add_argument("--tertiary", help="model C (add_difference: A + (B - C) x M)")
+    mm.add_argument("--method", default="weighted_sum", help="weighted_sum (default), add_difference or no_interpolation")
+    mm.add_argument("--multiplier", type=float, default=0.3, help="M (default 0.3)")
+    mm.add_argument("--save-as-half", action="store_true", help="store float32 tensors as float16")
+    mm.add_argument("--bake-in-vae", help="a VAE from the VAE folder to replace the model's own")
+    mm.add_argument("--discard-weights", default="", help="drop keys matching this regular expression")
+    mm.add_argument("--name", default="", help="output name without extension (default: A1111's name for the merge)")
+    mm.add_argument("--format", dest="save_as", choices=("safetensors", "ckpt"), default="safetensors")
+    mm.add_argument("--no-copy-metadata", action="store_true", help="do not copy the inputs' safetensors metadata")
+    _add_dirs(mm)
 
     sv = sub.add_parser("serve", help="run the HTTP service (native /api/v1 and A1111 /sdapi/v1)")
     sv.add_argument("--host", default="127.0.0.1")
@@ -304,6 +317,28 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
     dirs = _dirs(args)
     for p in make_tiny_models(dirs.ckpt_dir, dirs.vae_dir, dirs.controlnet_dir):
         print(p)
+    return 0
+
+
+def cmd_models_merge(args: argparse.Namespace) -> int:
+    from .models.merge import check_params, run_merge
+    from .models.registry import ModelRegistry
+
+    registry = ModelRegistry(_dirs(args))
+    params = {"primary": args.primary, "secondary": args.secondary, "tertiary": args.tertiary, "method": args.method,
+              "multiplier": args.multiplier, "save_as_half": args.save_as_half, "bake_in_vae": args.bake_in_vae,
+              "discard_weights": args.discard_weights, "name": args.name, "save_as": args.save_as,
+              "copy_metadata": not args.no_copy_metadata}
+    shown = [-1]
+
+    def progress(done: int, total: int) -> None:
+        pct = done * 100 // total
+        if pct // 10 != shown[0] // 10 or done == total:
+            shown[0] = pct
+            print(f"merging: {done}/{total} keys", file=sys.stderr)
+
+    result, info = run_merge(registry, check_params(registry, params), progress)
+    print(f"{info.title}  {info.kind.label}  {result.path}")
     return 0
 
 
@@ -588,7 +623,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cluster": cmd_cluster,
         "extras": cmd_extras,
         "users": cmd_users,
-        "models": lambda a: {"list": cmd_models_list, "make-tiny": cmd_make_tiny}[a.models_command](a),
+        "models": lambda a: {"list": cmd_models_list, "make-tiny": cmd_make_tiny,
+                             "merge": cmd_models_merge}[a.models_command](a),
         "train": cmd_train_lora,
     }
     try:

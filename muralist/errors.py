@@ -25,6 +25,10 @@ class InvalidRequestError(MuralistError):
     """A request parameter is outside what is allowed."""
 
 
+class ForbiddenError(MuralistError):
+    """The caller may not do this (an admin-only job); HTTP 403."""
+
+
 class ModelFileError(MuralistError):
     """A model file cannot be read: corrupt, truncated, unsafe or of an unknown architecture."""
 

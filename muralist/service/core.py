@@ -15,7 +15,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import InvalidRequestError
+from ..errors import ForbiddenError, InvalidRequestError
 from ..paths import DataDirs
 from ..request import GenerationRequest, parse_request
 from . import costs, inputs
@@ -24,7 +24,7 @@ from .store import Job, JobStatus, LimitError, Store, User
 
 log = logging.getLogger("muralist.service")
 
-JOB_TYPES = ("txt2img", "img2img", "extras", "interrogate", "train_lora", "train_embedding")
+JOB_TYPES = ("txt2img", "img2img", "extras", "interrogate", "train_lora", "train_embedding", "merge")
 
 
 @dataclass
@@ -245,6 +245,15 @@ class Service:
             check = training.validate if job_type == "train_lora" else training.validate_embedding
             stored, model_key = check(self, user, params)
             return self._enqueue(user, job_type, stored, priority, job_id, model_key)
+        if job_type == "merge":
+            from ..models.merge import check_params
+
+            if not user.admin:
+                raise ForbiddenError("merge: only admins can merge checkpoints (the result is visible to every user)")
+            stored = check_params(self.engine.registry, params)
+            # Placed on a worker that has the primary model; the merge itself loads no model.
+            primary = self.engine.registry.find_checkpoint(stored["primary"])
+            return self._enqueue(user, job_type, stored, priority, job_id, primary.sha256)
         if job_type == "interrogate":
             from ..engine.images import decode_image
 

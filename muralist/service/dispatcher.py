@@ -291,6 +291,8 @@ class Dispatcher:
         if now.status.finished:
             inputs.delete_inputs(self.service.dirs.root, job.params)
             shutil.rmtree(self._training_dir(job), ignore_errors=True)
+        if job.type == "merge":
+            self.service.engine.registry.refresh()  # the API lists the new checkpoint at once
         if now.status is JobStatus.SUCCEEDED:
             self.service.publish({"type": "finished", "owner": job.owner, "job_id": job.id, "images": result["images"],
                                   "warnings": result.get("warnings", [])})

@@ -227,6 +227,8 @@ class Worker:
             return {"type": "done", "images": [], "result": {"caption": caption, "infotexts": [], "seeds": [], "warnings": []}}
         if kind in ("train_lora", "train_embedding"):
             return self._train(job, control, emit, tmp)
+        if kind == "merge":
+            return self._merge(params, control, emit)
         if kind == "extras":
             paths, texts = self._extras(params, tmp)
             result = {"infotexts": texts, "seeds": [-1] * len(paths), "subseeds": [-1] * len(paths), "warnings": [], "model": None}
@@ -310,6 +312,31 @@ class Worker:
             ("embedding" if embedding else "lora"): label, "steps": result.steps, "epochs": result.epochs, "loss": result.losses,
             "resumed_from_step": result.resumed_from,
             "warnings": list(params.get("notes") or []) + result.warnings, "infotexts": [], "seeds": [], "subseeds": []}}
+
+    def _merge(self, params: dict[str, Any], control: Any, emit: Any) -> dict[str, Any]:
+        """A checkpoint merge into this worker's checkpoint folder, registered there at once."""
+        from ..models.merge import MergeCanceled, run_merge
+
+        last = [-1.0]
+        started = time.monotonic()
+
+        def progress(done: int, total: int) -> None:
+            fraction = done / total
+            if fraction - last[0] >= 0.01 or done == total:  # about a hundred events, not one per key
+                last[0] = fraction
+                spent = time.monotonic() - started
+                emit({"type": "progress", "step": done, "steps": total, "batch": 0, "n_iter": 1,
+                      "progress": round(fraction, 4), "eta": round(spent / fraction - spent, 2) if fraction else None})
+
+        stop = lambda: control.interrupted.is_set() or control.stopped.is_set()  # noqa: E731
+        try:
+            result, info = run_merge(self.engine.registry, params, progress, stop)
+        except MergeCanceled:
+            return {"type": "interrupted"}
+        self._available = None  # report the new checkpoint with the next refresh
+        return {"type": "done", "images": [], "result": {
+            "model": info.title, "file": info.name, "sha256": result.sha256, "keys": result.keys,
+            "is_inpainting": result.is_inpainting, "infotexts": [], "seeds": [], "subseeds": [], "warnings": []}}
 
     def _extras(self, params: dict[str, Any], folder: Path) -> tuple[list[Path], list[str]]:
         from ..engine.images import decode_image
