@@ -25,6 +25,12 @@ class InvalidRequestError(MuralistError):
     """A request parameter is outside what is allowed."""
 
 
+class ForbiddenError(MuralistError):
+    """The caller may not do this (e.g. a non-admin asking for a download). HTTP 403."""
+
+    http_status = 403
+
+
 class ModelFileError(MuralistError):
     """A model file cannot be read: corrupt, truncated, unsafe or of an unknown architecture."""
 

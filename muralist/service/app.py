@@ -29,7 +29,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from ..errors import InvalidRequestError, MuralistError, NotFoundError
+from ..errors import ForbiddenError, InvalidRequestError, MuralistError, NotFoundError
 from ..infotext import IMAGE_TYPES
 from .core import Service
 from .store import Job, JobStatus, LimitError, User
@@ -98,7 +98,7 @@ def job_view(service: Service, job: Job) -> dict[str, Any]:
     live = service.live.get(job.id)
     if live is not None:
         out["progress"] = {"step": live.step, "steps": live.steps, "batch": live.batch, "n_iter": live.n_iter,
-                           "progress": live.fraction, "eta": live.eta}
+                           "progress": live.fraction, "eta": live.eta, **live.detail}
     return out
 
 
@@ -130,7 +130,8 @@ def create_app(service: Service, auth: AuthConfig | None = None, cors_origins: l
 
     @app.exception_handler(MuralistError)
     async def muralist_error(_request: Request, exc: MuralistError) -> JSONResponse:
-        status = 429 if isinstance(exc, LimitError) else 422 if isinstance(exc, InvalidRequestError | NotFoundError) else 400
+        status = (429 if isinstance(exc, LimitError) else 403 if isinstance(exc, ForbiddenError)
+                  else 422 if isinstance(exc, InvalidRequestError | NotFoundError) else 400)
         return error_response(type(exc).__name__, str(exc), status)
 
     @app.exception_handler(StarletteHTTPException)
