@@ -19,12 +19,17 @@ headers, never in URLs; every message that leaves this module is passed through 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import logging
 import os
+import queue
 import re
 import shutil
+import ssl
+import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
@@ -296,8 +301,7 @@ def _bearer(token: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def _http_error(r: httpx.Response, what: str, hint: str = "") -> Exception:
-    code = r.status_code
+def _http_error(code: int, what: str, hint: str = "") -> Exception:
     if code in (408, 425, 429) or code >= 500:
         return _Retry(f"{what}: HTTP {code}")
     if code in (401, 403) and not hint:
@@ -336,7 +340,7 @@ def _resolve_hf(ref: dict[str, Any], s: DownloadSettings, client: httpx.Client) 
         r = client.head(urljoin(str(r.url), loc), headers=headers, follow_redirects=False)
     if r.status_code >= 400:
         hint = " (no such repository, revision or file)" if r.status_code == 404 else ""
-        raise _http_error(r, f"{describe(ref)}", hint)
+        raise _http_error(r.status_code, f"{describe(ref)}", hint)
     sha = _etag_sha(r.headers.get("x-linked-etag")) or _etag_sha(r.headers.get("etag"))
     size = _int(r.headers.get("x-linked-size")) or (None if r.is_redirect else _int(r.headers.get("content-length")))
     return Remote(url, PurePosixPath(ref["file"]).name, sha, size, headers=headers)
@@ -354,7 +358,7 @@ def _resolve_modelscope(ref: dict[str, Any], s: DownloadSettings, client: httpx.
     for q in queries:
         r = client.get(base + "/files", params=q, headers=headers)
         if r.status_code >= 400:
-            raise _http_error(r, f"{describe(ref)} (file listing)", " (no such model or revision)" if r.status_code == 404 else "")
+            raise _http_error(r.status_code, f"{describe(ref)} (file listing)", " (no such model or revision)" if r.status_code == 404 else "")
         try:
             files = r.json()["Data"]["Files"] or []
         except (ValueError, KeyError, TypeError):
@@ -373,7 +377,7 @@ def _resolve_civitai(ref: dict[str, Any], s: DownloadSettings, client: httpx.Cli
     headers = _bearer(s.civitai_token)
     r = client.get(f"{s.civitai_endpoint}/api/v1/model-versions/{ref['version_id']}", headers=headers)
     if r.status_code >= 400:
-        raise _http_error(r, describe(ref), " (no such model version)" if r.status_code == 404 else "")
+        raise _http_error(r.status_code, describe(ref), " (no such model version)" if r.status_code == 404 else "")
     try:
         info = r.json()
         files = list(info.get("files") or [])
@@ -563,29 +567,97 @@ def transfer(get_remote: Callable[[], Remote], part: Path, settings: DownloadSet
             time.sleep(0.05)
 
 
+_SSL: ssl.SSLContext | None = None
+
+
+def ssl_context() -> ssl.SSLContext:
+    """One verifying context per process: building one reads the CA bundle (30-70 ms a time)."""
+    global _SSL
+    if _SSL is None:
+        _SSL = ssl.create_default_context()
+    return _SSL
+
+
+class _Origin:
+    """Connections for the byte transfer: ``http.client`` (``readinto`` into reused buffers, about 2.5x
+    httpx's streaming rate), redirects followed by hand so ``Authorization`` never reaches another host,
+    and the environment's proxies (``https_proxy``, ``no_proxy``) honoured as httpx would."""
+
+    @staticmethod
+    def connect(url: str, timeout: float) -> tuple[http.client.HTTPConnection, str]:
+        """A connection for ``url`` and the request target to send on it."""
+        u = urlsplit(url)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise DownloadError(f"cannot download from {u.scheme}://{u.netloc}{u.path}: not an http(s) URL")
+        target = (u.path or "/") + (f"?{u.query}" if u.query else "")
+        proxy = urllib.request.getproxies().get(u.scheme)
+        if proxy and not urllib.request.proxy_bypass(u.hostname):
+            pu = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+            if u.scheme == "https":
+                conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+                    pu.hostname or "", pu.port or 8080, timeout=timeout, context=ssl_context())
+                conn.set_tunnel(u.hostname, u.port or 443)
+                return conn, target
+            return http.client.HTTPConnection(pu.hostname or "", pu.port or 8080, timeout=timeout), url
+        if u.scheme == "https":
+            return http.client.HTTPSConnection(u.hostname, u.port, timeout=timeout,
+                                               context=ssl_context()), target
+        return http.client.HTTPConnection(u.hostname, u.port, timeout=timeout), target
+
+    @classmethod
+    def get(cls, url: str, headers: dict[str, str],
+            timeout: float) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse, bool]:
+        """GET ``url`` following redirects; returns (connection, response, whether it was redirected)."""
+        redirected = False
+        for _ in range(10):
+            conn, target = cls.connect(url, timeout)
+            conn.request("GET", target, headers=headers)
+            resp = conn.getresponse()
+            loc = resp.getheader("Location")
+            if resp.status not in (301, 302, 303, 307, 308) or not loc:
+                return conn, resp, redirected
+            resp.read()
+            conn.close()
+            new = urljoin(url, loc)
+            a, b = urlsplit(url), urlsplit(new)
+            if (a.scheme, a.hostname, a.port) != (b.scheme, b.hostname, b.port):
+                # Another host (a CDN, a signed storage URL) must not get the source's token.
+                headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+            url, redirected = new, True
+        raise DownloadError("too many redirects")
+
+
+_NET_ERRORS = (OSError, http.client.HTTPException)  # socket errors, timeouts, resets, IncompleteRead
+
+
 def _fetch(remote: Remote, part: Path, offset: int, hasher: list[Any], settings: DownloadSettings, client: httpx.Client,
            label: str, progress: Callable[[DownloadProgress], None] | None,
            stopped: Callable[[], bool]) -> int | None:
     """One GET; appends to ``part``. Returns the bytes written, or None when the caller must start over."""
     # identity: the sha256 is of the file's bytes, not of a compressed stream.
-    headers = {**remote.headers, "Accept-Encoding": "identity"}
+    headers = {**remote.headers, "Accept-Encoding": "identity", "User-Agent": "muralist"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
     total = remote.size or remote.approx_size
-    with client.stream("GET", remote.url, headers=headers, follow_redirects=True) as r:
-        if r.status_code == 416 and offset:
-            _start, whole = _content_range(r.headers.get("content-range"))
+    try:
+        conn, r, redirected = _Origin.get(remote.url, headers, settings.timeout)
+    except _NET_ERRORS as e:
+        raise _Retry(f"{label}: {type(e).__name__} (cannot connect)") from None
+    try:
+        status = r.status
+        if status == 416 and offset:
+            _start, whole = _content_range(r.getheader("Content-Range"))
             if whole == offset or (whole is None and remote.size == offset):
                 return 0  # the part is already complete: verify it
             part.unlink()
             return None
-        if r.status_code >= 400:
+        if status >= 400:
             # A signed URL that expired answers 403 after the redirect: re-resolve and try again.
-            if r.status_code == 403 and r.history:
+            if status == 403 and redirected:
                 raise _Retry(f"{label}: HTTP 403 from the storage host (signed URL expired?)")
-            raise _http_error(r, label)
-        if r.status_code == 206:
-            start, whole = _content_range(r.headers.get("content-range"))
+            raise _http_error(status, label)
+        if status == 206:
+            start, whole = _content_range(r.getheader("Content-Range"))
             if start != offset:
                 log.warning("%s: the server resumed at %s, not %d; starting over", label, start, offset)
                 part.unlink()
@@ -598,38 +670,121 @@ def _fetch(remote: Remote, part: Path, offset: int, hasher: list[Any], settings:
                 hasher[0] = hashlib.sha256()
             offset = 0
             mode = "wb"
-            length = _int(r.headers.get("content-length"))
-            total = remote.size or length or total
+            total = remote.size or _int(r.getheader("Content-Length")) or total
         if total and settings.max_bytes and total > settings.max_bytes:
             raise DownloadError(f"{label}: {total / 2**30:.2f} GiB is over the download size cap of "
                                 f"{settings.max_bytes / 2**30:.2f} GiB")
         if total and mode == "wb":
             _check_space(part.parent, total, label)
-        h = hasher[0]
-        done, t0, last = offset, time.monotonic(), 0.0
-        with open(part, mode, buffering=0) as f:
-            for chunk in r.iter_raw(CHUNK):
-                f.write(chunk)
-                h.update(chunk)
-                done += len(chunk)
-                if settings.max_bytes and done > settings.max_bytes:
-                    raise DownloadError(f"{label}: the server sent more than the download size cap of "
-                                        f"{settings.max_bytes / 2**30:.2f} GiB")
-                if remote.size is not None and done > remote.size:
-                    part.unlink()
-                    raise _Retry(f"{label}: the server sent more than the {remote.size} bytes the source publishes")
-                if stopped():
-                    raise DownloadCanceled()
-                now = time.monotonic()
-                if progress is not None and now - last >= PROGRESS_EVERY:
-                    last = now
-                    speed = (done - offset) / max(now - t0, 1e-6)
-                    eta = (total - done) / speed if total and speed > 0 and total >= done else None
-                    progress(DownloadProgress(done, total, speed, eta))
-        if progress is not None:
-            speed = (done - offset) / max(time.monotonic() - t0, 1e-6)
-            progress(DownloadProgress(done, total or done, speed, 0.0))
+        with open(part, mode, buffering=0) as f, _Pipeline(f, hasher[0]) as pipe:
+            done = _copy(r, pipe, offset, total, remote, settings, label, progress, stopped)
         return done - offset
+    finally:
+        conn.close()
+
+
+class _Pipeline:
+    """Writing and sha256 in two threads of their own, fed the buffers the caller receives into:
+    socket reads, file writes and hashlib all release the GIL, so the three overlap instead of adding
+    up (sha256 alone takes about as long as curl's whole transfer). On exit everything queued is
+    written and hashed, so the part file and the hash always cover the same bytes."""
+
+    def __init__(self, f: Any, h: Any, buffers: int = 8) -> None:
+        self.f, self.h = f, h
+        self.free: queue.Queue[bytearray] = queue.Queue()
+        for _ in range(buffers):
+            self.free.put(bytearray(CHUNK))
+        self.error: BaseException | None = None
+        self._pending: dict[int, int] = {}
+        self._lock = threading.Lock()
+        self._queues: list[queue.Queue[tuple[bytearray, int] | None]] = [queue.Queue(), queue.Queue()]
+        self._threads = [threading.Thread(target=self._run, args=(q, fn), daemon=True, name=f"muralist-download-{name}")
+                         for q, fn, name in zip(self._queues, (self._write, self._hash), ("write", "sha256"), strict=True)]
+
+    def _write(self, view: memoryview) -> None:
+        self.f.write(view)
+
+    def _hash(self, view: memoryview) -> None:
+        self.h.update(view)
+
+    def _run(self, q: queue.Queue[tuple[bytearray, int] | None], fn: Callable[[memoryview], None]) -> None:
+        while (item := q.get()) is not None:
+            buf, n = item
+            try:
+                if self.error is None:
+                    fn(memoryview(buf)[:n])
+            except BaseException as e:  # noqa: BLE001 - handed to the receiving thread
+                self.error = e
+            with self._lock:  # the buffer is free again once both threads are done with it
+                self._pending[id(buf)] -= 1
+                if not self._pending[id(buf)]:
+                    del self._pending[id(buf)]
+                    self.free.put(buf)
+
+    def put(self, buf: bytearray, n: int) -> None:
+        with self._lock:
+            self._pending[id(buf)] = 2
+        for q in self._queues:
+            q.put((buf, n))
+
+    def take(self) -> bytearray:
+        buf = self.free.get()
+        if self.error is not None:
+            raise self.error
+        return buf
+
+    def __enter__(self) -> _Pipeline:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for q in self._queues:
+            q.put(None)
+        for t in self._threads:
+            t.join()
+        if self.error is not None and exc[0] is None:
+            raise self.error
+
+
+def _copy(r: http.client.HTTPResponse, pipe: _Pipeline, offset: int, total: int | None, remote: Remote,
+          settings: DownloadSettings, label: str, progress: Callable[[DownloadProgress], None] | None,
+          stopped: Callable[[], bool]) -> int:
+    done, t0, last = offset, time.monotonic(), 0.0
+    while True:
+        buf = pipe.take()
+        view, n = memoryview(buf), 0
+        try:
+            while n < CHUNK and (k := r.readinto(view[n:])):  # fill the buffer: fewer, larger writes
+                n += k
+        except _NET_ERRORS as e:
+            if n:
+                pipe.put(buf, n)
+            raise _Retry(f"{label}: {type(e).__name__} after {done + n} bytes (connection lost or timed out)") from None
+        if not n:
+            pipe.free.put(buf)
+            if r.length:  # http.client reports a body cut short as a plain end of data
+                raise _Retry(f"{label}: the connection closed after {done} bytes, {r.length} short")
+            break
+        pipe.put(buf, n)
+        done += n
+        if settings.max_bytes and done > settings.max_bytes:
+            raise DownloadError(f"{label}: the server sent more than the download size cap of "
+                                f"{settings.max_bytes / 2**30:.2f} GiB")
+        if remote.size is not None and done > remote.size:
+            raise _Retry(f"{label}: the server sent more than the {remote.size} bytes the source publishes")
+        if stopped():
+            raise DownloadCanceled()
+        now = time.monotonic()
+        if progress is not None and now - last >= PROGRESS_EVERY:
+            last = now
+            speed = (done - offset) / max(now - t0, 1e-6)
+            eta = (total - done) / speed if total and speed > 0 and total >= done else None
+            progress(DownloadProgress(done, total, speed, eta))
+    if progress is not None:
+        speed = (done - offset) / max(time.monotonic() - t0, 1e-6)
+        progress(DownloadProgress(done, total or done, speed, 0.0))
+    return done
 
 
 # ------------------------------------------------------------------------------------------ the job
@@ -658,7 +813,8 @@ def download(params: dict[str, Any], dirs: DataDirs, settings: DownloadSettings 
     folder.mkdir(parents=True, exist_ok=True)
     own = client is None
     if client is None:
-        client = httpx.Client(timeout=httpx.Timeout(settings.timeout, connect=min(30.0, settings.timeout)))
+        client = httpx.Client(timeout=httpx.Timeout(settings.timeout, connect=min(30.0, settings.timeout)),
+                              verify=ssl_context())
     errors: list[str] = []
     try:
         for ref in [{k: v for k, v in p.items() if k in _REF_KEYS}, *p["fallback"]]:
