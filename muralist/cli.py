@@ -31,6 +31,22 @@ def _dirs(args: argparse.Namespace) -> Any:
                                  controlnet_dir=args.controlnet_dir)
 
 
+def _add_download_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("downloads (tokens only from the environment: HF_TOKEN, CIVITAI_API_TOKEN, MODELSCOPE_API_TOKEN)")
+    g.add_argument("--hf-endpoint", help="Hugging Face endpoint or mirror, e.g. https://hf-mirror.com (default: $HF_ENDPOINT)")
+    g.add_argument("--modelscope-endpoint", help="ModelScope endpoint (default: $MODELSCOPE_ENDPOINT or www.modelscope.cn)")
+    g.add_argument("--civitai-endpoint", help="Civitai endpoint (default: $CIVITAI_ENDPOINT or civitai.com)")
+    g.add_argument("--max-download-gb", type=float, default=None, help="size cap of one downloaded file (default 64)")
+
+
+def _download_settings(args: argparse.Namespace) -> Any:
+    from .models.download import DownloadSettings
+
+    cap = int(args.max_download_gb * 2**30) if args.max_download_gb else None
+    return DownloadSettings.from_env(hf_endpoint=args.hf_endpoint, modelscope_endpoint=args.modelscope_endpoint,
+                                     civitai_endpoint=args.civitai_endpoint, max_bytes=cap)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="muralist", description="Self-hosted Stable Diffusion with A1111 conventions.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -98,6 +114,22 @@ def build_parser() -> argparse.ArgumentParser:
     mm.add_argument("--format", dest="save_as", choices=("safetensors", "ckpt"), default="safetensors")
     mm.add_argument("--no-copy-metadata", action="store_true", help="do not copy the inputs' safetensors metadata")
     _add_dirs(mm)
+    md = msub.add_parser("download", help="download a model into its A1111 folder (resumable, sha256-verified)")
+    md.add_argument("--source", required=True, choices=("hf", "modelscope", "civitai", "url"))
+    md.add_argument("--repo", help="hf: repository id (owner/name)")
+    md.add_argument("--model-id", help="modelscope: model id (owner/name)")
+    md.add_argument("--version-id", help="civitai: model version id")
+    md.add_argument("--url", help="url: the file's http(s) URL")
+    md.add_argument("--file", help="the file's path in the repository (civitai: which file of the version)")
+    md.add_argument("--revision", help="branch, tag or commit (hf: main, modelscope: master)")
+    md.add_argument("--kind", default="checkpoint",
+                    help="checkpoint, vae, lora, embedding, controlnet, upscaler or hypernetwork (picks the folder)")
+    md.add_argument("--name", help="file name to save as (default: the source's)")
+    md.add_argument("--sha256", help="expected sha256 (checked in addition to what the source publishes)")
+    md.add_argument("--fallback", action="append", default=[], metavar="SOURCE:ID[:FILE]",
+                    help="another source of the same file, tried if this one fails, e.g. modelscope:owner/name")
+    _add_download_options(md)
+    _add_dirs(md)
 
     sv = sub.add_parser("serve", help="run the HTTP service (native /api/v1 and A1111 /sdapi/v1)")
     sv.add_argument("--host", default="127.0.0.1")
@@ -124,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-attempts", type=int, default=2, help="lost runs (dead or stalled worker) before a job fails")
     sv.add_argument("--grace", type=float, default=10.0, metavar="S",
                     help="on SIGTERM, seconds running jobs get to finish before they are re-queued")
+    _add_download_options(sv)
     _add_dirs(sv)
 
     wk = sub.add_parser("worker", help="offer this machine's devices to a cluster's API (Ray)")
@@ -339,6 +372,48 @@ def cmd_models_merge(args: argparse.Namespace) -> int:
 
     result, info = run_merge(registry, check_params(registry, params), progress)
     print(f"{info.title}  {info.kind.label}  {result.path}")
+def _fallback_ref(text: str, file: str | None) -> dict[str, Any]:
+    from .errors import InvalidRequestError
+
+    source, _, rest = text.partition(":")
+    ident, _, alt_file = rest.partition(":")
+    key = {"hf": "repo", "modelscope": "model_id", "civitai": "version_id", "url": "url"}.get(source)
+    if key is None or not ident:
+        raise InvalidRequestError(f"--fallback: {text!r} is not SOURCE:ID[:FILE] (sources: hf, modelscope, civitai, url)")
+    if source == "url":
+        return {"source": "url", "url": rest}
+    return {"source": source, key: ident, **({"file": alt_file or file} if alt_file or file else {})}
+
+
+def cmd_models_download(args: argparse.Namespace) -> int:
+    """Download in this process (no server needed); Ctrl-C keeps the .part file, a rerun resumes it."""
+    from .models.download import DownloadProgress, download
+    from .models.hashing import HashCache
+
+    params = {k: v for k, v in {"source": args.source, "repo": args.repo, "model_id": args.model_id,
+                                "version_id": args.version_id, "url": args.url, "file": args.file,
+                                "revision": args.revision, "kind": args.kind, "name": args.name,
+                                "sha256": args.sha256}.items() if v is not None}
+    params["fallback"] = [_fallback_ref(f, args.file) for f in args.fallback]
+    dirs = _dirs(args)
+    tty = sys.stderr.isatty()
+
+    def progress(p: DownloadProgress) -> None:
+        total = f"/{p.total / 2**20:.1f}" if p.total else ""
+        eta = f", ETA {p.eta:.0f} s" if p.eta else ""
+        line = f"{p.done / 2**20:.1f}{total} MiB, {p.speed / 2**20:.1f} MiB/s{eta}"
+        print(("\r" + line + "   ") if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
+
+    result = download(params, dirs, _download_settings(args), progress=progress,
+                      cache=HashCache(dirs.cache_dir / "hashes.json"))
+    if tty:
+        print(file=sys.stderr)
+    for w in result["warnings"]:
+        print(f"warning: {w}", file=sys.stderr)
+    if result["resumed_from"]:
+        print(f"resumed from byte {result['resumed_from']}", file=sys.stderr)
+    print(f"{dirs.root / result['path'] if not Path(result['path']).is_absolute() else result['path']}  "
+          f"sha256 {result['sha256']}")
     return 0
 
 
@@ -490,6 +565,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_loaded_models=args.max_loaded_models,
         max_model_bytes=int(args.max_model_memory * 2**30) if args.max_model_memory else None,
         keep_days=args.keep_days or None,
+        downloads=_download_settings(args),
     )
     if args.cluster:  # a wrong address or token: say so now, not in a log line every 2 s
         from .workers.ray_cluster import connect
@@ -624,7 +700,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "extras": cmd_extras,
         "users": cmd_users,
         "models": lambda a: {"list": cmd_models_list, "make-tiny": cmd_make_tiny,
-                             "merge": cmd_models_merge}[a.models_command](a),
+                             "merge": cmd_models_merge, "download": cmd_models_download}[a.models_command](a),
         "train": cmd_train_lora,
     }
     try:

@@ -26,7 +26,9 @@ class InvalidRequestError(MuralistError):
 
 
 class ForbiddenError(MuralistError):
-    """The caller may not do this (an admin-only job); HTTP 403."""
+    """The caller may not do this (an admin-only job: merge, download). HTTP 403."""
+
+    http_status = 403
 
 
 class ModelFileError(MuralistError):

@@ -98,7 +98,7 @@ def job_view(service: Service, job: Job) -> dict[str, Any]:
     live = service.live.get(job.id)
     if live is not None:
         out["progress"] = {"step": live.step, "steps": live.steps, "batch": live.batch, "n_iter": live.n_iter,
-                           "progress": live.fraction, "eta": live.eta}
+                           "progress": live.fraction, "eta": live.eta, **live.detail}
     return out
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ForbiddenError, InvalidRequestError
+from ..models.download import DownloadSettings
 from ..paths import DataDirs
 from ..request import GenerationRequest, parse_request
 from . import costs, inputs
@@ -24,7 +25,7 @@ from .store import Job, JobStatus, LimitError, Store, User
 
 log = logging.getLogger("muralist.service")
 
-JOB_TYPES = ("txt2img", "img2img", "extras", "interrogate", "train_lora", "train_embedding", "merge")
+JOB_TYPES = ("txt2img", "img2img", "extras", "interrogate", "train_lora", "train_embedding", "merge", "download")
 
 
 @dataclass
@@ -65,6 +66,7 @@ class Live:
     preview: str | None = None  # base64 PNG
     preview_id: int = 0
     worker: str | None = None
+    detail: dict[str, Any] = field(default_factory=dict)  # e.g. a download's bytes, total and speed
 
 
 @dataclass
@@ -84,6 +86,8 @@ class Settings:
     stall_timeout: float = 300.0  # seconds without any event (step) from a worker before it is killed
     max_attempts: int = 2  # lost runs (worker died or stalled) after which a job fails
     grace: float = 10.0  # on stop, seconds running jobs get to finish before they are re-queued
+    # Download jobs: endpoints, tokens (never shown) and the size cap; the environment fills the rest.
+    downloads: DownloadSettings = field(default_factory=DownloadSettings.from_env)
 
 
 class Service:
@@ -187,6 +191,7 @@ class Service:
             if live is not None:
                 live.step, live.steps, live.batch, live.n_iter = event["step"], event["steps"], event["batch"], event["n_iter"]
                 live.fraction, live.eta = event["progress"], event["eta"]
+                live.detail = {k: event[k] for k in ("bytes", "total", "speed") if k in event}
                 if event.get("preview"):
                     live.preview = event["preview"]
                     live.preview_id += 1
@@ -239,6 +244,13 @@ class Service:
         return req, info.sha256
 
     def submit(self, user: User, job_type: str, params: dict[str, Any], priority: int = 0, job_id: str | None = None) -> Job:
+        if job_type == "download":
+            from ..models.download import parse_params
+
+            # Admins only: a download writes multi-GB files into folders every user's jobs load from.
+            if not user.admin:
+                raise ForbiddenError("download: only admins can download models")
+            return self._enqueue(user, job_type, parse_params(params), priority, job_id)
         if job_type in ("train_lora", "train_embedding"):
             from . import training
 

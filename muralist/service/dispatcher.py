@@ -228,6 +228,9 @@ class Dispatcher:
                 except MuralistError as e:
                     self._failed(run, str(e), user=True)
                     return
+            elif job.type == "download":
+                # Endpoints and tokens travel with the run only: never stored with the job, never shown.
+                payload["download_settings"] = self.settings.downloads.to_payload()
             for ev in slot.handle.run(payload):
                 run.last_event = time.monotonic()
                 if run.abandoned:
@@ -291,13 +294,20 @@ class Dispatcher:
         if now.status.finished:
             inputs.delete_inputs(self.service.dirs.root, job.params)
             shutil.rmtree(self._training_dir(job), ignore_errors=True)
-        if job.type == "merge":
-            self.service.engine.registry.refresh()  # the API lists the new checkpoint at once
+        if now.status is JobStatus.SUCCEEDED and job.type in ("merge", "download"):
+            self._refresh_models()  # the API lists the new model at once
         if now.status is JobStatus.SUCCEEDED:
             self.service.publish({"type": "finished", "owner": job.owner, "job_id": job.id, "images": result["images"],
                                   "warnings": result.get("warnings", [])})
         elif now.status is JobStatus.CANCELED:
             self.service.publish({"type": "canceled", "owner": job.owner, "job_id": job.id})
+
+    def _refresh_models(self) -> None:
+        """A merged or downloaded model is usable at once: the API's own listings forget their scan."""
+        eng = self.service.engine
+        eng.registry.refresh()
+        eng.loras.refresh()
+        eng.embeddings.refresh()
 
     # ------------------------------------------------------------- training jobs
 

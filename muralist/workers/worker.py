@@ -229,6 +229,8 @@ class Worker:
             return self._train(job, control, emit, tmp)
         if kind == "merge":
             return self._merge(params, control, emit)
+        if kind == "download":
+            return self._download(job, control, emit)
         if kind == "extras":
             paths, texts = self._extras(params, tmp)
             result = {"infotexts": texts, "seeds": [-1] * len(paths), "subseeds": [-1] * len(paths), "warnings": [], "model": None}
@@ -337,6 +339,27 @@ class Worker:
         return {"type": "done", "images": [], "result": {
             "model": info.title, "file": info.name, "sha256": result.sha256, "keys": result.keys,
             "is_inpainting": result.is_inpainting, "infotexts": [], "seeds": [], "subseeds": [], "warnings": []}}
+    def _download(self, job: dict[str, Any], control: Any, emit: Any) -> dict[str, Any]:
+        """A model download into this worker's folders; a cancel (or a crash) leaves the ``.part``
+        file, which the next download of the same file resumes."""
+        from ..models.download import DownloadCanceled, DownloadSettings, download
+
+        def progress(p: Any) -> None:
+            # step/steps in KiB keep the generic progress fields meaningful; bytes/total/speed are exact.
+            emit({"type": "progress", "step": p.done // 1024, "steps": (p.total or 0) // 1024, "batch": 0, "n_iter": 1,
+                  "progress": round(p.fraction, 4), "eta": None if p.eta is None else round(p.eta, 1),
+                  "bytes": p.done, "total": p.total, "speed": round(p.speed)})
+
+        eng = self.engine
+        try:
+            result = download(job["params"], eng.dirs, DownloadSettings.from_payload(job.get("download_settings")),
+                              progress=progress, stopped=control.interrupted.is_set, cache=eng.registry.cache)
+        except DownloadCanceled:
+            return {"type": "interrupted"}
+        eng.registry.refresh()  # usable at once
+        eng.loras.refresh()
+        eng.embeddings.refresh()
+        return {"type": "done", "images": [], "result": {**result, "infotexts": [], "seeds": [], "subseeds": []}}
 
     def _extras(self, params: dict[str, Any], folder: Path) -> tuple[list[Path], list[str]]:
         from ..engine.images import decode_image
