@@ -28,8 +28,6 @@ class InvalidRequestError(MuralistError):
 class ForbiddenError(MuralistError):
     """The caller may not do this (an admin-only job: merge, download). HTTP 403."""
 
-    http_status = 403
-
 
 class ModelFileError(MuralistError):
     """A model file cannot be read: corrupt, truncated, unsafe or of an unknown architecture."""

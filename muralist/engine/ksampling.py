@@ -234,14 +234,63 @@ def _churn(x: torch.Tensor, sigma: torch.Tensor, n_steps: int, noise: NoiseSampl
     return x, sigma_hat
 
 
-def sample_euler(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: NoiseSampler,
-                 callback: StepCallback | None = None, *, s_churn: float = 0.0, s_tmin: float = 0.0,
-                 s_tmax: float = math.inf, s_noise: float = 1.0) -> torch.Tensor:
-    """Euler's method on the probability-flow ODE (Karras et al. 2022, Algorithm 2 with Euler steps)."""
+def _move(model: Denoiser, x: torch.Tensor, d: torch.Tensor, sigma: torch.Tensor, target: torch.Tensor,
+          kind: str) -> torch.Tensor:
+    """One step from ``x`` at ``sigma`` (slope ``d``) to ``target``: Euler; Heun (the mean of the slopes
+    at both ends); or DPM-Solver-2 (the slope at the log-midpoint sigma). A step into sigma 0 is Euler."""
+    if kind == "euler" or target == 0:
+        return x + d * (target - sigma)
+    if kind == "heun":
+        x_2 = x + d * (target - sigma)
+        return x + (d + to_d(x_2, target, model(x_2, target))) / 2 * (target - sigma)
+    mid = (sigma.log() * 0.5 + target.log() * 0.5).exp()
+    x_2 = x + d * (mid - sigma)
+    return x + to_d(x_2, mid, model(x_2, mid)) * (target - sigma)
+
+
+def _churned(kind: str, model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: NoiseSampler,
+             callback: StepCallback | None, s_churn: float, s_tmin: float, s_tmax: float, s_noise: float) -> torch.Tensor:
+    """Karras et al. 2022, Algorithm 2 with the step of ``kind`` (Euler, Heun or DPM2)."""
     for i in range(len(sigmas) - 1):
         x, sigma_hat = _churn(x, sigmas[i], len(sigmas) - 1, noise, sigmas[i + 1], s_churn, s_tmin, s_tmax, s_noise)
         denoised = model(x, sigma_hat)
-        x = x + to_d(x, sigma_hat, denoised) * (sigmas[i + 1] - sigma_hat)
+        x = _move(model, x, to_d(x, sigma_hat, denoised), sigma_hat, sigmas[i + 1], kind)
+        if callback:
+            callback(i, x, denoised)
+    return x
+
+
+def sample_euler(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: NoiseSampler,
+                 callback: StepCallback | None = None, *, s_churn: float = 0.0, s_tmin: float = 0.0,
+                 s_tmax: float = math.inf, s_noise: float = 1.0) -> torch.Tensor:
+    """Euler's method on the probability-flow ODE."""
+    return _churned("euler", model, x, sigmas, noise, callback, s_churn, s_tmin, s_tmax, s_noise)
+
+
+def sample_heun(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: NoiseSampler,
+                callback: StepCallback | None = None, *, s_churn: float = 0.0, s_tmin: float = 0.0,
+                s_tmax: float = math.inf, s_noise: float = 1.0) -> torch.Tensor:
+    """Heun's second-order method; the last step to 0 is Euler."""
+    return _churned("heun", model, x, sigmas, noise, callback, s_churn, s_tmin, s_tmax, s_noise)
+
+
+def sample_dpm_2(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: NoiseSampler,
+                 callback: StepCallback | None = None, *, s_churn: float = 0.0, s_tmin: float = 0.0,
+                 s_tmax: float = math.inf, s_noise: float = 1.0) -> torch.Tensor:
+    """DPM-Solver-2 in Karras' form: the slope at the log-midpoint sigma drives the whole step."""
+    return _churned("dpm2", model, x, sigmas, noise, callback, s_churn, s_tmin, s_tmax, s_noise)
+
+
+def _ancestral(kind: str, model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: NoiseSampler,
+               callback: StepCallback | None, eta: float, s_noise: float) -> torch.Tensor:
+    """A step of ``kind`` to sigma_down, then fresh noise of scale sigma_up (see ``ancestral_step``).
+    Euler a adds noise only above sigma 0; DPM2 a draws it on every step (k-diffusion's draw order)."""
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        down, up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        x = _move(model, x, to_d(x, sigmas[i], denoised), sigmas[i], down, kind)
+        if kind == "dpm2" or sigmas[i + 1] > 0:
+            x = x + noise(sigmas[i], sigmas[i + 1]) * s_noise * up
         if callback:
             callback(i, x, denoised)
     return x
@@ -249,78 +298,14 @@ def sample_euler(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: 
 
 def sample_euler_ancestral(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: NoiseSampler,
                            callback: StepCallback | None = None, *, eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
-    """Euler step to sigma_down, then fresh noise of scale sigma_up (see ``ancestral_step``)."""
-    for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i])
-        down, up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
-        x = x + to_d(x, sigmas[i], denoised) * (down - sigmas[i])
-        if sigmas[i + 1] > 0:
-            x = x + noise(sigmas[i], sigmas[i + 1]) * s_noise * up
-        if callback:
-            callback(i, x, denoised)
-    return x
-
-
-def sample_heun(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: NoiseSampler,
-                callback: StepCallback | None = None, *, s_churn: float = 0.0, s_tmin: float = 0.0,
-                s_tmax: float = math.inf, s_noise: float = 1.0) -> torch.Tensor:
-    """Heun's second-order method (Karras et al. 2022, Algorithm 2); the last step to 0 is Euler."""
-    for i in range(len(sigmas) - 1):
-        x, sigma_hat = _churn(x, sigmas[i], len(sigmas) - 1, noise, sigmas[i + 1], s_churn, s_tmin, s_tmax, s_noise)
-        denoised = model(x, sigma_hat)
-        d = to_d(x, sigma_hat, denoised)
-        dt = sigmas[i + 1] - sigma_hat
-        if sigmas[i + 1] == 0:
-            x = x + d * dt
-        else:
-            x_2 = x + d * dt
-            d_2 = to_d(x_2, sigmas[i + 1], model(x_2, sigmas[i + 1]))
-            x = x + (d + d_2) / 2 * dt
-        if callback:
-            callback(i, x, denoised)
-    return x
-
-
-def _log_mid(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a.log() * 0.5 + b.log() * 0.5).exp()
-
-
-def sample_dpm_2(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: NoiseSampler,
-                 callback: StepCallback | None = None, *, s_churn: float = 0.0, s_tmin: float = 0.0,
-                 s_tmax: float = math.inf, s_noise: float = 1.0) -> torch.Tensor:
-    """DPM-Solver-2 in Karras' form: the derivative at the log-midpoint sigma drives the whole step."""
-    for i in range(len(sigmas) - 1):
-        x, sigma_hat = _churn(x, sigmas[i], len(sigmas) - 1, noise, sigmas[i + 1], s_churn, s_tmin, s_tmax, s_noise)
-        denoised = model(x, sigma_hat)
-        d = to_d(x, sigma_hat, denoised)
-        if sigmas[i + 1] == 0:
-            x = x + d * (sigmas[i + 1] - sigma_hat)
-        else:
-            mid = _log_mid(sigma_hat, sigmas[i + 1])
-            x_2 = x + d * (mid - sigma_hat)
-            x = x + to_d(x_2, mid, model(x_2, mid)) * (sigmas[i + 1] - sigma_hat)
-        if callback:
-            callback(i, x, denoised)
-    return x
+    """Euler a."""
+    return _ancestral("euler", model, x, sigmas, noise, callback, eta, s_noise)
 
 
 def sample_dpm_2_ancestral(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: NoiseSampler,
                            callback: StepCallback | None = None, *, eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
-    """DPM-Solver-2 to sigma_down, then ancestral noise; the noise is drawn on every step."""
-    for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i])
-        down, up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
-        d = to_d(x, sigmas[i], denoised)
-        if down == 0:
-            x = x + d * (down - sigmas[i])
-        else:
-            mid = _log_mid(sigmas[i], down)
-            x_2 = x + d * (mid - sigmas[i])
-            x = x + to_d(x_2, mid, model(x_2, mid)) * (down - sigmas[i])
-        x = x + noise(sigmas[i], sigmas[i + 1]) * s_noise * up
-        if callback:
-            callback(i, x, denoised)
-    return x
+    """DPM2 a."""
+    return _ancestral("dpm2", model, x, sigmas, noise, callback, eta, s_noise)
 
 
 def lms_coefficient(order: int, t: list[float], i: int, j: int) -> float:
