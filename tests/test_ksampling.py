@@ -392,7 +392,7 @@ def test_eta_reaches_exactly_the_samplers_that_take_it(name: str) -> None:
     kw = SamplingOptions(eta=0.0, s_noise=0.5, s_churn=1.0).kwargs_for(fn, s.extra)
     assert ("eta" in kw) == (name in ETA_SAMPLERS)
     # s_noise: A1111's sampler_extra_params (not Euler a, LMS, DPM adaptive or Restart)
-    assert ("s_noise" in kw) == (name not in {"Euler a", "LMS", "DPM adaptive", "Restart", "DPM++ 2M"})
+    assert ("s_noise" in kw) == (name not in {"Euler a", "LMS", "DPM adaptive", "Restart", "DPM++ 2M", "LCM"})
     assert ("s_churn" in kw) == (name in {"Euler", "Heun", "DPM2"})
 
 
@@ -405,3 +405,21 @@ def test_every_pair_of_sampler_and_schedule_a1111_offers_resolves() -> None:
     assert samplers.resolve("Restart").schedule_label == "Karras"
     assert samplers.resolve("Euler a", "Karras").schedule == "karras"
     assert samplers.resolve("DPM++ 2M SDE").schedule_label == "Exponential"
+
+
+def test_lcm_denoiser_uses_the_50_distilled_levels_and_its_boundary_scalings() -> None:
+    lcm = ks.LcmSigmas()
+    train = training_sigmas()
+    assert np.allclose(lcm.sigmas.numpy(), train[19::20]) and len(lcm.sigmas) == 50
+    assert float(lcm.sigma_to_t(train[500])) == 499  # quantized to the nearest distilled level (t = 19 + 20k)
+    # "Uniform" for LCM: timesteps 999 .. 19, each mapped onto the 50 levels (log-linear between them)
+    got = ks.schedule_sigmas("uniform", 4, lcm).numpy()
+    idx = (np.linspace(999, 19, 4) - 19) / 20
+    ref = np.exp(np.interp(idx, np.arange(50), np.log(train[19::20])))
+    assert np.allclose(got, np.append(ref, 0.0), rtol=1e-12)
+    x, den = torch.full((1, 4, 2, 2), 2.0), torch.full((1, 4, 2, 2), 0.5)
+    sigma = torch.tensor(float(train[299]), dtype=torch.float64)
+    st = 2990.0  # timestep 299 x 10
+    want = 0.5 * st / math.sqrt(st**2 + 0.25) + 2.0 * 0.25 / (st**2 + 0.25)
+    assert torch.allclose(lcm.boundary(x, sigma, den), torch.full_like(x, want))
+    assert samplers.resolve("LCM").sampler.lcm and samplers.resolve("LCM", "Karras").schedule == "karras"

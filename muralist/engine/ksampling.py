@@ -84,6 +84,40 @@ class ModelSigmas:
         w = t - low
         return ((1 - w) * self.log_sigmas[low] + w * self.log_sigmas[high]).exp()
 
+    def uniform_ts(self, n: int) -> torch.Tensor:
+        """The timesteps of the "Uniform" schedule: evenly spaced from the last level to the first."""
+        return _lin(len(self.sigmas) - 1, 0, n)
+
+
+class LcmSigmas(ModelSigmas):
+    """A1111's LCM denoiser: the 50 levels an LCM was distilled on (every 20th training level, from
+    t = 19), timesteps quantized to those levels, and the consistency model's boundary scalings."""
+
+    SKIP = 20
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sigmas = self.sigmas[self.SKIP - 1 :: self.SKIP].clone()  # t = 19, 39, ..., 999
+        self.log_sigmas = self.sigmas.log()
+
+    def sigma_to_t(self, sigma: torch.Tensor | float) -> torch.Tensor:
+        log_sigma = torch.as_tensor(sigma, dtype=torch.float64).log()
+        nearest = (log_sigma.reshape(-1, 1) - self.log_sigmas).abs().argmin(dim=1)
+        return (nearest * self.SKIP + self.SKIP - 1).to(torch.float64).reshape(log_sigma.shape)
+
+    def t_to_sigma(self, t: torch.Tensor | float) -> torch.Tensor:
+        index = ((torch.as_tensor(t, dtype=torch.float64) - (self.SKIP - 1)) / self.SKIP).clamp(0, len(self.sigmas) - 1)
+        return super().t_to_sigma(index)
+
+    def uniform_ts(self, n: int) -> torch.Tensor:
+        return _lin(float(self.sigma_to_t(self.sigma_max)), float(self.sigma_to_t(self.sigma_min)), n)
+
+    def boundary(self, x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
+        """LCM's c_skip/c_out at timestep*10 with sigma_data 0.5, applied to the eps-model's prediction."""
+        st = float(self.sigma_to_t(sigma)) * 10.0
+        c_skip, c_out = 0.25 / (st * st + 0.25), st / (st * st + 0.25) ** 0.5
+        return denoised * c_out + x * c_skip
+
 
 # --- A1111's schedule types --------------------------------------------------------------------
 # Each returns n sigmas from high to low with a 0 appended (n + 1 values).
@@ -94,7 +128,7 @@ AYS_SDXL = [14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.11
 
 def sigmas_uniform(n: int, ms: ModelSigmas) -> torch.Tensor:
     """Timesteps evenly spaced from 999 to 0 (k-diffusion's default for a discrete model)."""
-    return append_zero(ms.t_to_sigma(_lin(len(ms.sigmas) - 1, 0, n)))
+    return append_zero(ms.t_to_sigma(ms.uniform_ts(n)))
 
 
 def sigmas_karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:

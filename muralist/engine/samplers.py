@@ -28,7 +28,7 @@ BASE_SCHEDULER_CONFIG: dict[str, Any] = {
 class Sampler:
     name: str
     # k-diffusion-style sampler: a function name in ksampling/ksolvers. Otherwise a diffusers
-    # scheduler class (A1111's timestep samplers DDIM, PLMS, UniPC and LCM).
+    # scheduler class (A1111's timestep samplers DDIM, PLMS and UniPC).
     func: str | None = None
     cls: str | None = None
     aliases: tuple[str, ...] = ()
@@ -46,6 +46,8 @@ class Sampler:
     extra: tuple[str, ...] = ()
     # A1111's second_order: prompt schedules count two model calls per step (steps * 2).
     second_order: bool = False
+    # A1111's LCM sampler runs on its own denoiser (LcmSigmas: 50 levels, boundary scalings).
+    lcm: bool = False
 
     def prompt_steps(self, steps: int) -> int:
         """The step count A1111 builds prompt-editing schedules for (its SamplerData.total_steps)."""
@@ -81,7 +83,7 @@ SAMPLERS: list[Sampler] = [
     Sampler("DDIM", cls="DDIMScheduler", aliases=("ddim",), spacing="leading"),
     Sampler("PLMS", cls="PNDMScheduler", aliases=("plms",), kwargs={"skip_prk_steps": True}, spacing="leading"),
     Sampler("UniPC", cls="UniPCMultistepScheduler", aliases=("unipc",)),
-    Sampler("LCM", cls="LCMScheduler", aliases=("lcm", "k_lcm"), spacing="leading"),
+    Sampler("LCM", "sample_lcm", aliases=("lcm", "k_lcm"), lcm=True),
 ]
 SAMPLERS_BY_NAME = {s.name: s for s in SAMPLERS}
 
@@ -152,8 +154,8 @@ def split_legacy_name(sampler: str | None, schedule: str | None) -> tuple[str | 
 class SamplerChoice:
     """A resolved sampler + schedule type.
 
-    k-diffusion samplers take their sigmas from ``sigmas()``; the diffusers ones (DDIM, PLMS, UniPC,
-    LCM) build a fresh scheduler per run with ``make()`` and, as A1111's timestep samplers, keep their
+    k-diffusion samplers take their sigmas from ``sigmas()``; the diffusers ones (DDIM, PLMS, UniPC)
+    build a fresh scheduler per run with ``make()`` and, as A1111's timestep samplers, keep their
     own timesteps whatever the schedule type.
     """
 

@@ -183,16 +183,17 @@ class _Stop(Exception):
     """Raised inside a sampler when the job is interrupted or skipped: the loop ends where it is."""
 
 
-_MODEL_SIGMAS: list[Any] = []
+_MODEL_SIGMAS: dict[bool, Any] = {}
 
 
-def model_sigmas() -> Any:
-    """The training noise levels of SD1/SD2/SDXL (all share one beta schedule); built once."""
-    if not _MODEL_SIGMAS:
-        from .ksampling import ModelSigmas
+def model_sigmas(lcm: bool = False) -> Any:
+    """The training noise levels of SD1/SD2/SDXL (all share one beta schedule), or the 50 levels of
+    A1111's LCM denoiser; built once each."""
+    if lcm not in _MODEL_SIGMAS:
+        from .ksampling import LcmSigmas, ModelSigmas
 
-        _MODEL_SIGMAS.append(ModelSigmas())
-    return _MODEL_SIGMAS[0]
+        _MODEL_SIGMAS[lcm] = LcmSigmas() if lcm else ModelSigmas()
+    return _MODEL_SIGMAS[lcm]
 
 
 class _GuidedUNet:
@@ -303,7 +304,7 @@ def _sample_k(model: LoadedModel, choice: samplers.SamplerChoice, rng: ImageNois
     from . import ksampling
 
     dev = model.device
-    ms = model_sigmas()
+    ms = model_sigmas(choice.sampler.lcm)
     sdxl = model.family is Family.SDXL
     noise = noise.to(dev, torch.float32)
     if init_latent is None:
@@ -332,6 +333,8 @@ def _sample_k(model: LoadedModel, choice: samplers.SamplerChoice, rng: ImageNois
             denoised = x * (1 / (s * s + 1)) - out * (s / (s * s + 1) ** 0.5)
         else:
             denoised = x - out * s
+        if choice.sampler.lcm:
+            denoised = ms.boundary(x, sigma, denoised)
         if keep is not None:  # outside the mask the prediction is the original image (A1111)
             denoised = keep[0] * (1 - keep[1]) + denoised * keep[1]
         return denoised
