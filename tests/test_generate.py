@@ -396,3 +396,14 @@ def test_tiny_model_image_equals_an_independent_dpmpp_2m_karras_loop(a1111_model
     want = decode(model.vae, x.float(), model.vae_scale)[0]
     diff = np.abs(pixels(got.images[0]) - pixels(want))
     assert diff.max() <= 1, diff.max()
+
+
+def test_hires_pass_uses_a1111s_hires_prompt_schedule(engine, tmp_path: Path) -> None:
+    """"[cat:dog:0.5]" is cat then dog in the first pass and dog for the whole hires pass (A1111 >= 1.6),
+    so it gives the image of the same first pass followed by a hires pass prompted "dog"."""
+    hr = dict(enable_hr=True, hr_scale=1.5, denoising_strength=0.6, steps=4, sampler_name="Euler")
+    edited = run(engine, tmp_path, prompt="a [cat:dog:0.5]", **hr).result.images[0]
+    explicit = run(engine, tmp_path, prompt="a [cat:dog:0.5]", hr_prompt="a dog", **hr).result.images[0]
+    cat_hires = run(engine, tmp_path, prompt="a [cat:dog:0.5]", hr_prompt="a cat", **hr).result.images[0]
+    assert np.array_equal(pixels(edited), pixels(explicit))
+    assert np.abs(pixels(edited) - pixels(cat_hires)).max() > 0

@@ -374,3 +374,13 @@ def test_apply_styles(
 def test_unknown_style_names_close_matches(styles: dict[str, Style]) -> None:
     with pytest.raises(NotFoundError, match=r"unknown style 'cinematik'.*did you mean: Cinematic"):
         find_style(styles, "cinematik")
+
+
+def test_hires_pass_schedules_prompt_editing_after_the_first_pass() -> None:
+    """A1111 >= 1.6: in a hires pass of 10 steps after 20, fractions count from 1.0 and steps from 20."""
+    from muralist.prompts.parser import prompt_schedule
+
+    assert prompt_schedule("a [cat:dog:0.5]", 10, base_steps=20) == [(10, "a dog")]
+    assert prompt_schedule("a [cat:dog:1.5]", 10, base_steps=20) == [(5, "a cat"), (10, "a dog")]
+    assert prompt_schedule("a [cat:dog:25]", 10, base_steps=20) == [(5, "a cat"), (10, "a dog")]
+    assert prompt_schedule("a [cat:dog:0.5]", 10) == [(5, "a cat"), (10, "a dog")]  # a first pass

@@ -437,12 +437,14 @@ def job_conditioning(
     *,
     pad_cond_uncond: bool = False,
     pad_cond_uncond_v0: bool = False,
+    base_steps: int | None = None,
 ) -> JobConditioning:
     """Schedules for a prompt (split on AND) and its negative prompt, as A1111 encodes them:
-    each AND part's schedule texts in one batch, the negative prompt's in another."""
+    each AND part's schedule texts in one batch, the negative prompt's in another. ``base_steps``:
+    the schedules of a hires pass after a first pass of that many (prompt) steps."""
 
     def schedule(text: str, negative: bool = False) -> Schedule:
-        entries = prompt_schedule(text, steps)
+        entries = prompt_schedule(text, steps, base_steps)
         conds = encoder.encode_batch([t for _, t in entries], negative=negative)
         return Schedule([(end, c) for (end, _), c in zip(entries, conds, strict=True)])
 

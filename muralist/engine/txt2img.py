@@ -695,7 +695,7 @@ def generate_images(
                 for c in controls:
                     c.set_size(*req.hr_size, model.device, model.dtype)
                 latents = _hires_pass(model, vae, req, hr_choice, hr_upscaler, strength, latents, batch_seeds, batch_subseeds,
-                                      encoder, prompt, negative, conds, control,
+                                      encoder, prompt, negative, choice.sampler.prompt_steps(req.steps), control,
                                       lambda step, lat, n=n: on_step(step, lat, n, total_steps), upscale, hr_hook)
                 extra_params.update(_hires_params(req, hr_upscaler, strength, hr_choice, choice))
             if control is not None and control.interrupted.is_set():
@@ -760,9 +760,12 @@ def _inpaint_image_cond(model: LoadedModel, vae: Any, images: list[Image.Image],
 
 def _hires_pass(model: LoadedModel, vae: Any, req: GenerationRequest, choice: samplers.SamplerChoice, upscaler: str,
                 strength: float, latents: torch.Tensor, seeds: list[int], subseeds: list[int], encoder: PromptEncoder,
-                prompt: str, negative: str, conds: JobConditioning, control: JobControl | None,
+                prompt: str, negative: str, base_steps: int, control: JobControl | None,
                 on_step: Callable[[int, torch.Tensor], None], upscale: Any, controls: Any = None) -> torch.Tensor:
-    """Hires fix: upscale the first pass (in latent space, or as an image) and run img2img on it."""
+    """Hires fix: upscale the first pass (in latent space, or as an image) and run img2img on it.
+
+    ``base_steps``: the first pass's prompt steps; A1111 (since 1.6) schedules the hires pass's prompt
+    editing after them, so "[a:b:0.5]" is b for the whole hires pass and "[a:b:1.5]" switches half-way."""
     w, h = req.hr_size
     if upscaler in LATENT_MODES:
         mode, aa = LATENT_MODES[upscaler]
@@ -773,8 +776,8 @@ def _hires_pass(model: LoadedModel, vae: Any, req: GenerationRequest, choice: sa
     hr_prompt, _ = extract_extra_networks(req.hr_prompt) if req.hr_prompt else (prompt, [])
     hr_negative, _ = extract_extra_networks(req.hr_negative_prompt) if req.hr_negative_prompt else (negative, [])
     steps = req.hr_second_pass_steps or req.steps
-    hr_conds = conds if (hr_prompt, hr_negative) == (prompt, negative) else job_conditioning(
-        encoder, hr_prompt, hr_negative, choice.sampler.prompt_steps(steps), pad_cond_uncond=req.pad_cond_uncond)
+    hr_conds = job_conditioning(encoder, hr_prompt, hr_negative, choice.sampler.prompt_steps(steps),
+                                pad_cond_uncond=req.pad_cond_uncond, base_steps=base_steps)
     rng = ImageNoise(seeds, subseeds, req.subseed_strength, shape=(4, h // 8, w // 8), **_noise_options(model, req))
     noise = rng.first()
     image_cond = None

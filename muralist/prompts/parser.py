@@ -314,12 +314,16 @@ def _walk(nodes: list) -> Iterable[_Edit | _Alternate]:
                 yield from _walk(option)
 
 
-def _switch_step(number: str, steps: int) -> int:
+def _switch_step(number: str, steps: int, base_steps: int | None = None) -> int:
     value = float(number)
     # "0.25" and "2.0" are fractions of the step count, "5" and "1e1" absolute steps;
-    # truncation (int) is A1111's rounding, so 0.29 of 100 steps switches at 28.
+    # truncation (int) is A1111's rounding, so 0.29 of 100 steps switches at 28. In a hires pass
+    # (A1111's scheduling since 1.6) both count on from the first pass: "1.5" is half-way through
+    # the hires steps and "25" is step 25 - base_steps of it.
     if "." in number:
-        value *= steps
+        value = (value - (1.0 if base_steps is not None else 0.0)) * steps
+    elif base_steps is not None:
+        value -= base_steps
     if math.isinf(value):  # "1e999": A1111 crashes; treat it as "never" / "always"
         return steps if value > 0 else -1
     return min(steps, int(value))
@@ -338,7 +342,7 @@ def _render(nodes: list, step: int) -> str:
     return "".join(out)
 
 
-def prompt_schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
+def prompt_schedule(prompt: str, steps: int, base_steps: int | None = None) -> list[tuple[int, str]]:
     """Resolve prompt editing and alternation into ``(until_step, text)`` pairs.
 
     Step ``s`` (1-based) uses the first pair whose ``until_step >= s``; the last pair always
@@ -346,7 +350,8 @@ def prompt_schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
     ``[a::N]`` removes a after step N; N containing "." is a fraction of ``steps``. ``[a|b|c]``
     switches option every step, so it yields one pair per step. Emphasis and other text is
     left as written for ``parse_attention``. A prompt that is not valid editing syntax (e.g. a
-    stray "|") is used verbatim: ``[(steps, prompt)]``.
+    stray "|") is used verbatim: ``[(steps, prompt)]``. ``base_steps``: this is the schedule of a
+    hires pass that follows a first pass of that many steps (see ``_switch_step``).
     """
     try:
         nodes = _ScheduleParser(prompt).parse()
@@ -358,7 +363,7 @@ def prompt_schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
     boundaries = {steps}
     for node in _walk(nodes):
         if isinstance(node, _Edit):
-            node.when = _switch_step(node.number, steps)
+            node.when = _switch_step(node.number, steps, base_steps)
             if node.when >= 1:
                 boundaries.add(node.when)
         else:
