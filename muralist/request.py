@@ -47,6 +47,12 @@ class GenerationRequest(BaseModel):
     s_tmin: float | None = Field(None, ge=0.0, le=100.0, description="lowest sigma that gets s_churn (A1111's s_tmin)")
     s_tmax: float | None = Field(None, ge=0.0, le=1000.0, description="highest sigma that gets s_churn; 0: no limit (A1111)")
     sgm_noise_multiplier: bool = Field(False, description="scale the initial noise as SGM does (A1111's option)")
+    sigma_min: float = Field(0.0, ge=0.0, le=1000.0, description="schedule's lowest sigma; 0: the model's (A1111)")
+    sigma_max: float = Field(0.0, ge=0.0, le=1000.0, description="schedule's highest sigma; 0: the model's (A1111)")
+    rho: float = Field(0.0, ge=0.0, le=100.0, description="Karras/Polyexponential rho; 0: the schedule's default")
+    always_discard_next_to_last_sigma: bool = Field(False, description="drop the next-to-last sigma (A1111's option)")
+    beta_dist_alpha: float = Field(0.6, gt=0.0, le=10.0, description="Beta schedule's alpha (A1111's option)")
+    beta_dist_beta: float = Field(0.6, gt=0.0, le=10.0, description="Beta schedule's beta (A1111's option)")
     pad_cond_uncond: bool = Field(False, description="pad prompt and negative prompt to the same length (A1111's option)")
     emphasis: Literal["Original", "No norm", "Ignore", "None"] = Field(
         "Original", description="how (word:1.2) weights apply (A1111's option; None: brackets are plain text)")

@@ -407,3 +407,12 @@ def test_hires_pass_uses_a1111s_hires_prompt_schedule(engine, tmp_path: Path) ->
     cat_hires = run(engine, tmp_path, prompt="a [cat:dog:0.5]", hr_prompt="a cat", **hr).result.images[0]
     assert np.array_equal(pixels(edited), pixels(explicit))
     assert np.abs(pixels(edited) - pixels(cat_hires)).max() > 0
+
+
+def test_schedule_options_change_the_image_and_are_recorded(engine, tmp_path: Path) -> None:
+    plain = run(engine, tmp_path, sampler_name="DPM++ 2M", steps=4).result
+    tuned = run(engine, tmp_path, sampler_name="DPM++ 2M", steps=4, rho=3.0, sigma_max=10.0).result
+    assert np.abs(pixels(plain.images[0]) - pixels(tuned.images[0])).max() > 0
+    found = parse_infotext(tuned.infotexts[0])
+    assert found["Schedule rho"] == "3.0" and found["Schedule max sigma"] == "10.0"
+    assert "Schedule rho" not in parse_infotext(plain.infotexts[0])

@@ -423,3 +423,30 @@ def test_lcm_denoiser_uses_the_50_distilled_levels_and_its_boundary_scalings() -
     want = 0.5 * st / math.sqrt(st**2 + 0.25) + 2.0 * 0.25 / (st**2 + 0.25)
     assert torch.allclose(lcm.boundary(x, sigma, den), torch.full_like(x, want))
     assert samplers.resolve("LCM").sampler.lcm and samplers.resolve("LCM", "Karras").schedule == "karras"
+
+
+def test_a1111_schedule_options_reach_the_sigmas_and_the_infotext(ms: ks.ModelSigmas) -> None:
+    from muralist.infotext import request_fields
+
+    t = samplers.ScheduleTuning(sigma_min=0.1, sigma_max=10.0, rho=3.0)
+    karras = samplers.resolve("DPM++ 2M")
+    sig = karras.sigmas(8, ms, tuning=t).numpy()
+    ramp = np.linspace(0, 1, 8)
+    assert np.allclose(sig[:-1], (10 ** (1 / 3) + ramp * (0.1 ** (1 / 3) - 10 ** (1 / 3))) ** 3)
+    info = karras.schedule_infotext(t, ms)
+    assert info == {"Schedule min sigma": 0.1, "Schedule max sigma": 10.0, "Schedule rho": 3.0}
+    # Euler left on Automatic takes the model's own levels: A1111 applies none of these there
+    euler = samplers.resolve("Euler")
+    assert np.allclose(euler.sigmas(8, ms, tuning=t).numpy(), euler.sigmas(8, ms).numpy())
+    assert euler.schedule_infotext(t, ms) == {}
+    # forced discard of the next-to-last sigma, written only where the sampler does not do it anyway
+    forced = samplers.ScheduleTuning(always_discard_next_to_last_sigma=True)
+    assert len(euler.sigmas(8, ms, tuning=forced)) == 9
+    assert euler.schedule_infotext(forced, ms) == {"Discard penultimate sigma": True}
+    assert samplers.resolve("DPM2").schedule_infotext(forced, ms) == {}
+    beta = samplers.resolve("Euler", "Beta")
+    b = samplers.ScheduleTuning(beta_alpha=0.5, beta_beta=0.7)
+    assert not np.allclose(beta.sigmas(8, ms, tuning=b).numpy(), beta.sigmas(8, ms).numpy())
+    assert beta.schedule_infotext(b, ms) == {"Beta schedule alpha": 0.5, "Beta schedule beta": 0.7}
+    pasted = request_fields({"Schedule min sigma": "0.1", "Schedule rho": "3.0", "Discard penultimate sigma": "True"})
+    assert pasted["sigma_min"] == 0.1 and pasted["rho"] == 3.0 and pasted["always_discard_next_to_last_sigma"] is True

@@ -202,22 +202,24 @@ def sigmas_align_your_steps(n: int, sdxl: bool) -> torch.Tensor:
 
 
 def schedule_sigmas(kind: str, n: int, ms: ModelSigmas, sdxl: bool = False,
-                    sigma_min: float | None = None, sigma_max: float | None = None) -> torch.Tensor:
-    """The sigmas of A1111's schedule type ``kind`` (its key: "karras", "sgm_uniform"...) for n steps."""
+                    sigma_min: float | None = None, sigma_max: float | None = None, rho: float | None = None,
+                    beta: tuple[float, float] = (0.6, 0.6)) -> torch.Tensor:
+    """The sigmas of A1111's schedule type ``kind`` (its key: "karras", "sgm_uniform"...) for n steps;
+    ``rho`` (Karras, Polyexponential) and ``beta`` (the Beta schedule's alpha, beta) as A1111's options."""
     lo = ms.sigma_min if sigma_min is None else sigma_min
     hi = ms.sigma_max if sigma_max is None else sigma_max
     table: dict[str, Callable[[], torch.Tensor]] = {
         "uniform": lambda: sigmas_uniform(n, ms),
-        "karras": lambda: sigmas_karras(n, lo, hi),
+        "karras": lambda: sigmas_karras(n, lo, hi, rho or 7.0),
         "exponential": lambda: sigmas_exponential(n, lo, hi),
-        "polyexponential": lambda: sigmas_polyexponential(n, lo, hi),
+        "polyexponential": lambda: sigmas_polyexponential(n, lo, hi, rho or 1.0),
         "sgm_uniform": lambda: sigmas_sgm_uniform(n, ms, lo, hi),
         "kl_optimal": lambda: sigmas_kl_optimal(n, lo, hi),
         "align_your_steps": lambda: sigmas_align_your_steps(n, sdxl),
         "simple": lambda: sigmas_simple(n, ms),
         "normal": lambda: sigmas_normal(n, ms, lo, hi),
         "ddim": lambda: sigmas_ddim(n, ms),
-        "beta": lambda: sigmas_beta(n, lo, hi),
+        "beta": lambda: sigmas_beta(n, lo, hi, *beta),
     }
     if kind not in table:
         raise ValueError(f"unknown schedule type {kind!r}")

@@ -151,6 +151,18 @@ def split_legacy_name(sampler: str | None, schedule: str | None) -> tuple[str | 
 
 
 @dataclass(frozen=True)
+class ScheduleTuning:
+    """A1111's schedule options (0 = the model's own value / the schedule's default rho)."""
+
+    sigma_min: float = 0.0
+    sigma_max: float = 0.0
+    rho: float = 0.0
+    always_discard_next_to_last_sigma: bool = False
+    beta_alpha: float = 0.6
+    beta_beta: float = 0.6
+
+
+@dataclass(frozen=True)
 class SamplerChoice:
     """A resolved sampler + schedule type.
 
@@ -167,17 +179,52 @@ class SamplerChoice:
     def schedule_label(self) -> str:
         return SCHEDULES[self.schedule][0]
 
-    def sigmas(self, steps: int, model_sigmas: Any, sdxl: bool = False) -> Any:
-        """The sigma schedule for ``steps`` steps, with A1111's next-to-last-sigma rule applied."""
+    def runs_schedule(self) -> bool:
+        """Whether A1111 calls a schedule function for this pass: a k-diffusion sampler with a
+        schedule type asked for, or with a default one; otherwise it takes the model's own levels."""
+        return self.sampler.is_k and (self.requested != "automatic" or self.sampler.default_schedule != "uniform")
+
+    def _tuned(self, tuning: ScheduleTuning | None, model_sigmas: Any) -> dict[str, Any]:
+        """A1111's sigma_min/sigma_max/rho/Beta options where get_sigmas applies them: keyword
+        arguments for ``schedule_sigmas`` and the infotext keys A1111 then writes."""
+        t = tuning or ScheduleTuning()
+        kw: dict[str, Any] = {}
+        info: dict[str, Any] = {}
+        if not self.runs_schedule():
+            return {"kw": kw, "info": info}
+        if t.sigma_min and t.sigma_min != model_sigmas.sigma_min:
+            kw["sigma_min"] = info["Schedule min sigma"] = t.sigma_min
+        if t.sigma_max and t.sigma_max != model_sigmas.sigma_max:
+            kw["sigma_max"] = info["Schedule max sigma"] = t.sigma_max
+        if SCHEDULES[self.schedule][2] is not None and t.rho:
+            kw["rho"] = info["Schedule rho"] = t.rho
+        if self.schedule == "beta":
+            kw["beta"] = (t.beta_alpha, t.beta_beta)
+            info["Beta schedule alpha"], info["Beta schedule beta"] = t.beta_alpha, t.beta_beta
+        return {"kw": kw, "info": info}
+
+    def discards_penultimate(self, tuning: ScheduleTuning | None = None) -> bool:
+        return self.sampler.discard_penultimate or bool(tuning and tuning.always_discard_next_to_last_sigma)
+
+    def sigmas(self, steps: int, model_sigmas: Any, sdxl: bool = False, tuning: ScheduleTuning | None = None) -> Any:
+        """The sigma schedule for ``steps`` steps, with A1111's options and next-to-last-sigma rule."""
         import torch
 
         from .ksampling import schedule_sigmas
 
-        n = steps + 1 if self.sampler.discard_penultimate else steps
-        sig = schedule_sigmas(self.schedule, n, model_sigmas, sdxl)
-        if self.sampler.discard_penultimate:
+        discard = self.discards_penultimate(tuning)
+        n = steps + 1 if discard else steps
+        sig = schedule_sigmas(self.schedule, n, model_sigmas, sdxl, **self._tuned(tuning, model_sigmas)["kw"])
+        if discard:
             sig = torch.cat([sig[:-2], sig[-1:]])
         return sig
+
+    def schedule_infotext(self, tuning: ScheduleTuning | None, model_sigmas: Any) -> dict[str, Any]:
+        """The schedule keys A1111 writes for these options (min/max sigma, rho, Beta, discard)."""
+        info = dict(self._tuned(tuning, model_sigmas)["info"])
+        if self.sampler.is_k and tuning and tuning.always_discard_next_to_last_sigma and not self.sampler.discard_penultimate:
+            info["Discard penultimate sigma"] = True
+        return info
 
     def make(self, prediction_type: str = "epsilon", seeds: list[int] | None = None) -> Any:
         import diffusers

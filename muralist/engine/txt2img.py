@@ -112,6 +112,11 @@ def _tiling(modules: list[torch.nn.Module], enabled: bool) -> Iterator[None]:
             c.padding_mode = mode
 
 
+def schedule_tuning(req: GenerationRequest) -> samplers.ScheduleTuning:
+    return samplers.ScheduleTuning(req.sigma_min, req.sigma_max, req.rho, req.always_discard_next_to_last_sigma,
+                                   req.beta_dist_alpha, req.beta_dist_beta)
+
+
 @dataclass(frozen=True)
 class SamplingOptions:
     """A1111's sampler options of one job; None means A1111's default for the sampler."""
@@ -122,10 +127,11 @@ class SamplingOptions:
     s_tmin: float | None = None
     s_tmax: float | None = None
     sgm_noise_multiplier: bool = False
+    tuning: samplers.ScheduleTuning = field(default_factory=samplers.ScheduleTuning)
 
     @classmethod
     def of(cls, req: GenerationRequest) -> SamplingOptions:
-        return cls(req.eta, req.s_noise, req.s_churn, req.s_tmin, req.s_tmax, req.sgm_noise_multiplier)
+        return cls(req.eta, req.s_noise, req.s_churn, req.s_tmin, req.s_tmax, req.sgm_noise_multiplier, schedule_tuning(req))
 
     def kwargs_for(self, fn: Callable[..., Any], extra: tuple[str, ...]) -> dict[str, Any]:
         """What A1111 passes a k-diffusion sampler function: eta where it takes one (default 1, the
@@ -309,11 +315,11 @@ def _sample_k(model: LoadedModel, choice: samplers.SamplerChoice, rng: ImageNois
     noise = noise.to(dev, torch.float32)
     if init_latent is None:
         sched_steps, run = steps, steps
-        sigmas = choice.sigmas(steps, ms, sdxl)
+        sigmas = choice.sigmas(steps, ms, sdxl, options.tuning)
         x = noise * (float((1 + sigmas[0] ** 2) ** 0.5) if options.sgm_noise_multiplier else float(sigmas[0]))
     else:
         sched_steps, run = img2img_steps(choice, steps, strength, fix_steps)
-        sigmas = choice.sigmas(sched_steps, ms, sdxl)[sched_steps - run:]
+        sigmas = choice.sigmas(sched_steps, ms, sdxl, options.tuning)[sched_steps - run:]
         init_latent = init_latent.to(dev, torch.float32)
         x = init_latent + noise * float(sigmas[0])
     v_pred = model.prediction_type == "v_prediction"
@@ -485,6 +491,7 @@ def infotext_params(
         **sampler_params(name, asked_label, eta=req.eta, s_churn=req.s_churn, s_tmin=req.s_tmin, s_tmax=req.s_tmax,
                          s_noise=req.s_noise, sgm_noise_multiplier=req.sgm_noise_multiplier,
                          txt2img=not req.init_images),
+        **choice.schedule_infotext(schedule_tuning(req), model_sigmas(choice.sampler.lcm)),
         **infotext_of(conds),
         "Version": f"muralist {__version__}",
     }

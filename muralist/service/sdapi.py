@@ -33,7 +33,9 @@ OPTION_FIELDS = {"sd_model_checkpoint": "model", "sd_vae": "vae", "CLIP_stop_at_
                  "img2img_fix_steps": "img2img_fix_steps", "upscaler_for_img2img": "upscaler_for_img2img",
                  "samples_format": "samples_format", "jpeg_quality": "jpeg_quality", "webp_lossless": "webp_lossless",
                  "s_noise": "s_noise", "s_churn": "s_churn", "s_tmin": "s_tmin", "s_tmax": "s_tmax",
-                 "sgm_noise_multiplier": "sgm_noise_multiplier", "pad_cond_uncond": "pad_cond_uncond",
+                 "sgm_noise_multiplier": "sgm_noise_multiplier", "sigma_min": "sigma_min", "sigma_max": "sigma_max",
+                 "rho": "rho", "always_discard_next_to_last_sigma": "always_discard_next_to_last_sigma",
+                 "beta_dist_alpha": "beta_dist_alpha", "beta_dist_beta": "beta_dist_beta", "pad_cond_uncond": "pad_cond_uncond",
                  "emphasis": "emphasis"}
 FIELD_OPTIONS = {v: k for k, v in OPTION_FIELDS.items()}
 # A1111's option set with its defaults (names and values as its /sdapi/v1/options returns them).
