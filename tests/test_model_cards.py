@@ -148,12 +148,20 @@ def test_model_info_writes_the_three_sidecars_and_keeps_user_notes(civitai: Civi
         assert all(r["auth"] is None for r in civitai.log if r["role"] == "storage")
         assert TOKEN not in json.dumps([view, client.get("/api/v1/jobs").json(), client.get("/api/v1/models").json()])
 
-        # A user's later edit survives a refresh from Civitai.
+        # A user's later edits (words, their own preview) survive fetching the card again.
         user["activation text"] = "my words"
         (lora.parent / "inkstyle.json").write_text(json.dumps(user))
+        Image.new("RGB", (8, 8), "blue").save(lora.parent / "inkstyle.preview.png")
         again = client.post("/api/v1/jobs", json={"type": "model_info", "params": {"kind": "lora", "name": "inkstyle"}})
         assert wait_job(client, again.json()["id"])["status"] == "succeeded"
         assert json.loads((lora.parent / "inkstyle.json").read_text())["activation text"] == "my words"
+        with Image.open(lora.parent / "inkstyle.preview.png") as im:
+            assert im.size == (8, 8)
+        forced = client.post("/api/v1/jobs", json={"type": "model_info", "params": {"kind": "lora", "name": "inkstyle",
+                                                                                    "refresh": True}})
+        assert wait_job(client, forced.json()["id"])["status"] == "succeeded"
+        with Image.open(lora.parent / "inkstyle.preview.png") as im:
+            assert im.size == (512, 384)
         assert next(lo for lo in client.get("/api/v1/models").json()["loras"]
                     if lo["name"] == "inkstyle")["activation_text"] == "my words"
 

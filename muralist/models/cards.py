@@ -201,8 +201,9 @@ def merge_user_metadata(existing: dict[str, Any], info: dict[str, Any]) -> dict[
     return out
 
 
-def write_card(path: Path, info: dict[str, Any], client: httpx.Client) -> list[str]:
-    """The three sidecars of ``path`` from Civitai's ``info``; returns warnings (a missing preview)."""
+def write_card(path: Path, info: dict[str, Any], client: httpx.Client, refresh: bool = False) -> list[str]:
+    """The three sidecars of ``path`` from Civitai's ``info``; returns warnings (a missing preview).
+    A preview already there (perhaps the user's own) is replaced only with ``refresh``."""
     _write_atomic(sidecar(path, ".civitai.info"), json.dumps(info, indent=4, ensure_ascii=False).encode())
     user_path = sidecar(path, ".json")
     user = _load_json(user_path) if user_path.exists() else {}
@@ -211,8 +212,9 @@ def write_card(path: Path, info: dict[str, Any], client: httpx.Client) -> list[s
     url = _first_image_url(info)
     preview = sidecar(path, ".preview.png")
     if url is None:
-        warnings.append(f"{path.name}: Civitai lists no preview image")
-    else:
+        if not preview.exists():
+            warnings.append(f"{path.name}: Civitai lists no preview image")
+    elif refresh or not preview.exists():
         import httpx
 
         try:
@@ -324,7 +326,7 @@ def fetch_cards(items: list[tuple[str, str, Path]], settings: DownloadSettings, 
                         entry["status"] = "not_found"
                         entry["message"] = NOT_FOUND
                     else:
-                        warnings += write_card(path, info, client)
+                        warnings += write_card(path, info, client, refresh)
                         card = read_card(path)
                         entry.update(status="saved", civitai_model=(info.get("model") or {}).get("name"),
                                      civitai_version=info.get("name"), version_id=info.get("id"),

@@ -259,7 +259,8 @@ class Service:
             if not user.admin:
                 raise ForbiddenError("model_info: only admins can fetch model cards")
             stored = parse_info(params)
-            targets(self.engine, stored)  # a missing model is named now, not when the job runs
+            if not stored.get("all"):
+                targets(self.engine, stored)  # a missing model is named now, not when the job runs
             return self._enqueue(user, job_type, stored, priority, job_id)
         if job_type in ("train_lora", "train_embedding"):
             from . import training

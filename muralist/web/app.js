@@ -539,8 +539,8 @@ async function adminJob(type, params, out, done) {
     const view = await api(`/api/v1/jobs/${job.id}`);
     out.textContent = view.status === "succeeded" ? done(view.result) : t("get.failed", { error: view.error || view.status });
     if (view.status === "succeeded") {
-      await fillChoices(await api("/api/v1/me"));
-      await Promise.all([fillGetModels(), showModels()]);
+      await fillChoices(await api("/api/v1/me"));  // refills the merger's selects too (admins)
+      await showModels();
     }
   } catch (e) { out.textContent = t("get.failed", { error: e.message }); }
 }
