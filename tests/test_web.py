@@ -120,7 +120,7 @@ def test_page_weight_is_small_and_served_locally(site) -> None:
     html = httpx.get(url + "/").text
     assert "http://" not in html and "https://" not in html  # nothing from a CDN
     total = sum(len(httpx.get(url + p).content) for p in ("/", "/ui/app.js", "/ui/style.css", "/ui/i18n/en.json"))
-    assert total < 60_000
+    assert total < 75_000  # with the admin's download/merge forms; still no framework
 
 
 def test_paint_a_mask_and_inpaint(site, browser, tmp_path: Path) -> None:

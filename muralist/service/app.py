@@ -332,13 +332,25 @@ def create_app(service: Service, auth: AuthConfig | None = None, cors_origins: l
 
     @app.get("/api/v1/models")
     def models(user: User = Depends(current_user)) -> dict[str, Any]:
+        from ..models.cards import read_card
+
         reg = service.engine.registry
+
+        def card(path: Path | None) -> dict[str, Any]:
+            # Civitai Helper's sidecars (model cards); a diffusers folder has none.
+            return read_card(path) if path is not None and path.is_file() else {"activation_text": None, "base_model": None}
+
+        embeddings = service.engine.embeddings.all()
         return {
             "checkpoints": [{"title": c.title, "name": c.name, "model_name": c.model_name, "hash": c.shorthash,
-                             "sha256": c.sha256, "family": c.kind.label, "prediction_type": c.prediction_type} for c in reg.checkpoints()],
+                             "sha256": c.sha256, "family": c.kind.label, "prediction_type": c.prediction_type,
+                             **card(c.path)} for c in reg.checkpoints()],
             "vaes": [{"name": v.name, "hash": v.shorthash} for v in reg.vaes()],
-            "loras": [{"name": lo.name, "alias": lo.alias, "hash": lo.shorthash} for lo in service.engine.loras.all()],
-            "embeddings": sorted(service.engine.embeddings.all()),
+            "loras": [{"name": lo.name, "alias": lo.alias, "hash": lo.shorthash, **card(lo.path)}
+                      for lo in service.engine.loras.all()],
+            "embeddings": sorted(embeddings),
+            # A separate map: "embeddings" stays the list of names A1111-style clients expect.
+            "embedding_cards": {name: card(getattr(e, "path", None)) for name, e in sorted(embeddings.items())},
             "loaded": sorted(service.loaded_keys()),
             "upscalers": [u.name for u in service.engine.upscalers.list()],
         }

@@ -25,7 +25,7 @@ from .store import Job, JobStatus, LimitError, Store, User
 
 log = logging.getLogger("muralist.service")
 
-JOB_TYPES = ("txt2img", "img2img", "extras", "interrogate", "train_lora", "train_embedding", "merge", "download")
+JOB_TYPES = ("txt2img", "img2img", "extras", "interrogate", "train_lora", "train_embedding", "merge", "download", "model_info")
 
 
 @dataclass
@@ -251,6 +251,17 @@ class Service:
             if not user.admin:
                 raise ForbiddenError("download: only admins can download models")
             return self._enqueue(user, job_type, parse_params(params), priority, job_id)
+        if job_type == "model_info":
+            from ..models.cards import parse_params as parse_info
+            from ..models.cards import targets
+
+            # Admins only: the job writes sidecar files into model folders every user shares.
+            if not user.admin:
+                raise ForbiddenError("model_info: only admins can fetch model cards")
+            stored = parse_info(params)
+            if not stored.get("all"):
+                targets(self.engine, stored)  # a missing model is named now, not when the job runs
+            return self._enqueue(user, job_type, stored, priority, job_id)
         if job_type in ("train_lora", "train_embedding"):
             from . import training
 

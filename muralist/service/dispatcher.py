@@ -228,7 +228,7 @@ class Dispatcher:
                 except MuralistError as e:
                     self._failed(run, str(e), user=True)
                     return
-            elif job.type == "download":
+            elif job.type in ("download", "model_info"):
                 # Endpoints and tokens travel with the run only: never stored with the job, never shown.
                 payload["download_settings"] = self.settings.downloads.to_payload()
             for ev in slot.handle.run(payload):

@@ -87,6 +87,8 @@ async function fillChoices(me) {
   const styles = await api("/api/v1/styles");
   fill($("styles"), styles.styles.map((st) => st.name), null);
   $("admin-tab").hidden = !(me && me.admin);
+  $("get-models").hidden = !(me && me.admin);
+  if (me && me.admin) await fillGetModels();
 }
 
 let tokenTimer = null;
@@ -461,10 +463,13 @@ async function previewURL(kind, name) {
 
 async function showModels() {
   const m = await api("/api/v1/models");
+  const ec = m.embedding_cards || {};
+  // A1111's extra-networks click: the tag (with the card's preferred weight), then its activation text.
+  const loraTag = (l) => `<lora:${l.name}:${l.preferred_weight || 1}>` + (l.activation_text ? ` ${l.activation_text}` : "");
   const groups = {
-    checkpoint: m.checkpoints.map((c) => ({ label: c.title, name: c.title, sub: c.family, insert: null })),
-    lora: m.loras.map((l) => ({ label: l.alias || l.name, name: l.name, sub: l.hash, insert: `<lora:${l.name}:1>` })),
-    embedding: m.embeddings.map((e) => ({ label: e, name: e, sub: "", insert: e })),
+    checkpoint: m.checkpoints.map((c) => ({ ...c, label: c.title, name: c.title, sub: c.family, insert: null })),
+    lora: m.loras.map((l) => ({ ...l, label: l.alias || l.name, sub: l.hash, insert: loraTag(l) })),
+    embedding: m.embeddings.map((e) => ({ ...(ec[e] || {}), label: e, name: e, sub: "", insert: e })),
   };
   for (const [kind, items] of Object.entries(groups)) {
     const box = $(`cards-${kind}`);
@@ -473,15 +478,23 @@ async function showModels() {
       const card = document.createElement("button");
       card.type = "button";
       card.className = `card card-${kind}`;
-      card.title = it.insert ? t("models.insert") : it.label;
+      card.dataset.name = it.name;
+      card.title = it.description ? it.description.replace(/<[^>]*>/g, "") : (it.insert ? t("models.insert") : it.label);
       const img = new Image();
       img.alt = "";
       previewURL(kind, it.name).then((u) => { if (u) img.src = u; });
       const label = document.createElement("div");
       label.textContent = it.label;
       const sub = document.createElement("small");
-      sub.textContent = it.sub;
+      sub.textContent = [it.sub, it.base_model].filter(Boolean).join(" · ");
       card.append(img, label, sub);
+      if (it.activation_text) {
+        const words = document.createElement("small");
+        words.className = "activation";
+        words.title = t("models.activation");
+        words.textContent = it.activation_text;
+        card.append(words);
+      }
       card.onclick = () => {
         if (kind === "checkpoint") { $("model").value = it.name; }
         else { const p = $("prompt"); p.value = (p.value ? `${p.value} ` : "") + it.insert; countTokens(); }
@@ -490,6 +503,66 @@ async function showModels() {
       box.append(card);
     }
   }
+}
+
+// ---------------------------------------------------------------- get models (admin)
+
+async function fillGetModels() {
+  const m = await api("/api/v1/models");
+  const titles = m.checkpoints.map((c) => c.title);
+  for (const [id, blank] of [["mg-primary", false], ["mg-secondary", false], ["mg-tertiary", true]]) {
+    const sel = $(id), keep = sel.value;
+    sel.innerHTML = "";
+    if (blank) sel.add(new Option(t("get.none"), ""));
+    for (const v of titles) sel.add(new Option(v, v, false, v === keep));
+  }
+  const vae = $("mg-vae");
+  vae.innerHTML = "";
+  vae.add(new Option(t("get.none"), ""));
+  for (const v of m.vaes) vae.add(new Option(v.name, v.name));
+}
+
+async function adminJob(type, params, out, done) {
+  // One job, followed to its end through its events; the status line shows its progress.
+  out.textContent = t("get.queued");
+  try {
+    const job = await api("/api/v1/jobs", { method: "POST", headers: { "Content-Type": "application/json" },
+                                            body: JSON.stringify({ type, params }) });
+    const mib = (b) => (b / 1048576).toFixed(1);
+    await streamEvents(job.id, async (ev) => {
+      if (ev.type !== "progress") return;
+      out.textContent = ev.bytes != null
+        ? t("get.progress", { done: mib(ev.bytes), total: ev.total ? mib(ev.total) : "?", speed: mib(ev.speed || 0),
+                              eta: ev.eta == null ? "?" : Math.round(ev.eta) })
+        : t("get.working", { step: ev.step, steps: ev.steps });
+    });
+    const view = await api(`/api/v1/jobs/${job.id}`);
+    out.textContent = view.status === "succeeded" ? done(view.result) : t("get.failed", { error: view.error || view.status });
+    if (view.status === "succeeded") {
+      await fillChoices(await api("/api/v1/me"));  // refills the merger's selects too (admins)
+      await showModels();
+    }
+  } catch (e) { out.textContent = t("get.failed", { error: e.message }); }
+}
+
+function startDownload(ev) {
+  ev.preventDefault();
+  const source = $("dl-source").value;
+  const refKey = { hf: "repo", modelscope: "model_id", civitai: "version_id", url: "url" }[source];
+  const params = { source, [refKey]: $("dl-ref").value.trim(), kind: $("dl-kind").value };
+  for (const k of ["file", "revision", "name", "sha256"]) { const v = $(`dl-${k}`).value.trim(); if (v) params[k] = v; }
+  adminJob("download", params, $("dl-status"), (r) => t("get.downloaded", { file: r.file }));
+}
+
+function startMerge(ev) {
+  ev.preventDefault();
+  const params = { primary: $("mg-primary").value, secondary: $("mg-secondary").value, method: $("mg-method").value,
+                   multiplier: Number($("mg-multiplier").value), save_as_half: $("mg-fp16").checked };
+  for (const [k, id] of [["tertiary", "mg-tertiary"], ["bake_in_vae", "mg-vae"], ["discard_weights", "mg-discard"], ["name", "mg-name"]]) {
+    const v = $(id).value.trim();
+    if (v) params[k] = v;
+  }
+  adminJob("merge", params, $("merge-status"), (r) => t("get.merged", { file: r.file }));
 }
 
 async function showSettings() {
@@ -747,6 +820,9 @@ async function start() {
   $("extras-form").onsubmit = runExtras;
   $("pnginfo-file").onchange = () => pngInfo().catch((e) => showError(e.message));
   $("admin-add").onsubmit = addUser;
+  $("dl-form").onsubmit = startDownload;
+  $("merge-form").onsubmit = startMerge;
+  $("info-all").onclick = () => adminJob("model_info", { all: true }, $("info-status"), (r) => t("get.info_done", r));
   $("prompt").addEventListener("keydown", (ev) => { if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) generate(ev); });
   $("prompt").addEventListener("input", countTokens);
   $("swap").onclick = () => { const w = $("width").value; $("width").value = $("height").value; $("height").value = w; };

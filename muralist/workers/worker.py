@@ -231,6 +231,8 @@ class Worker:
             return self._merge(params, control, emit)
         if kind == "download":
             return self._download(job, control, emit)
+        if kind == "model_info":
+            return self._model_info(job, control, emit)
         if kind == "extras":
             paths, texts = self._extras(params, tmp)
             result = {"infotexts": texts, "seeds": [-1] * len(paths), "subseeds": [-1] * len(paths), "warnings": [], "model": None}
@@ -359,6 +361,50 @@ class Worker:
         eng.registry.refresh()  # usable at once
         eng.loras.refresh()
         eng.embeddings.refresh()
+        if result["source"] == "civitai":
+            result["card"] = self._card_after_download(job, result)
+        return {"type": "done", "images": [], "result": {**result, "infotexts": [], "seeds": [], "subseeds": []}}
+
+    def _card_after_download(self, job: dict[str, Any], result: dict[str, Any]) -> str:
+        """Civitai Helper's habit: a model from Civitai arrives with its card. The download stands
+        whatever happens here; a problem is a warning."""
+        from ..models.cards import fetch_cards
+        from ..models.download import DownloadSettings, kind_dirs
+
+        path = kind_dirs(self.engine.dirs)[result["kind"]] / result["file"]
+        settings = DownloadSettings.from_payload(job.get("download_settings"))
+        try:
+            out = fetch_cards([(result["kind"], result["file"], path)], settings, lambda _p: result["sha256"])
+        except MuralistError as e:
+            result["warnings"].append(f"model card: {e}")
+            return "error"
+        entry = out["models"][0]
+        result["warnings"] += out["warnings"]
+        if entry["status"] == "not_found":
+            result["warnings"].append(f"model card: {result['file']} {entry['message']}")
+        return str(entry["status"])
+
+    def _model_info(self, job: dict[str, Any], control: Any, emit: Any) -> dict[str, Any]:
+        """Model cards from Civitai for one model or all of them (``model_info`` job)."""
+        from ..models.cards import CardsCanceled, fetch_cards, targets
+        from ..models.download import DownloadSettings
+        from ..models.hashing import sha256_file
+
+        params, eng = job["params"], self.engine
+        items = targets(eng, params)
+        cache = eng.registry.cache
+
+        def progress(done: int, total: int) -> None:
+            emit({"type": "progress", "step": done, "steps": total, "batch": 0, "n_iter": 1,
+                  "progress": round(done / total, 4), "eta": None})
+
+        try:
+            result = fetch_cards(items, DownloadSettings.from_payload(job.get("download_settings")),
+                                 lambda p: cache.get(p, "sha256", lambda: sha256_file(p)),
+                                 refresh=params.get("refresh", False), skip_existing=bool(params.get("all")),
+                                 progress=progress, stopped=control.interrupted.is_set)
+        except CardsCanceled:
+            return {"type": "interrupted"}
         return {"type": "done", "images": [], "result": {**result, "infotexts": [], "seeds": [], "subseeds": []}}
 
     def _extras(self, params: dict[str, Any], folder: Path) -> tuple[list[Path], list[str]]:
