@@ -17,14 +17,13 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from ..errors import InvalidRequestError, MuralistError, NotFoundError
+from ..paths import write_atomic
 from .download import KINDS, MODEL_EXTS, DownloadSettings, _bearer, kind_dirs, ssl_context
 
 if TYPE_CHECKING:
@@ -168,19 +167,7 @@ def fetch_preview(url: str, dest: Path, client: httpx.Client) -> None:
         raise CardError(f"preview image: not a readable image ({type(e).__name__})") from None
     buf = io.BytesIO()
     out.save(buf, "PNG", optimize=True)
-    _write_atomic(dest, buf.getvalue())
-
-
-def _write_atomic(dest: Path, data: bytes) -> None:
-    # A listing may read the sidecar at any moment: never let it see half a file.
-    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".tmp", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(dest, buf.getvalue())
 
 
 def merge_user_metadata(existing: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
@@ -204,10 +191,10 @@ def merge_user_metadata(existing: dict[str, Any], info: dict[str, Any]) -> dict[
 def write_card(path: Path, info: dict[str, Any], client: httpx.Client, refresh: bool = False) -> list[str]:
     """The three sidecars of ``path`` from Civitai's ``info``; returns warnings (a missing preview).
     A preview already there (perhaps the user's own) is replaced only with ``refresh``."""
-    _write_atomic(sidecar(path, ".civitai.info"), json.dumps(info, indent=4, ensure_ascii=False).encode())
+    write_atomic(sidecar(path, ".civitai.info"), json.dumps(info, indent=4, ensure_ascii=False).encode())
     user_path = sidecar(path, ".json")
     user = _load_json(user_path) if user_path.exists() else {}
-    _write_atomic(user_path, json.dumps(merge_user_metadata(user, info), indent=4, ensure_ascii=False).encode())
+    write_atomic(user_path, json.dumps(merge_user_metadata(user, info), indent=4, ensure_ascii=False).encode())
     warnings: list[str] = []
     url = _first_image_url(info)
     preview = sidecar(path, ".preview.png")
