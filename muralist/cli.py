@@ -130,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="another source of the same file, tried if this one fails, e.g. modelscope:owner/name")
     _add_download_options(md)
     _add_dirs(md)
+    mi = msub.add_parser("info", help="fetch model cards from Civitai (by hash): preview, trigger words, base model")
+    mi.add_argument("name", nargs="?", help="the model (title, name or file); omit with --all")
+    mi.add_argument("--kind", default="checkpoint", help="checkpoint, vae, lora, embedding, controlnet, upscaler, ...")
+    mi.add_argument("--all", action="store_true", help="every model that has no card yet")
+    mi.add_argument("--refresh", action="store_true", help="fetch again, replacing cards and previews")
+    _add_download_options(mi)
+    _add_dirs(mi)
 
     sv = sub.add_parser("serve", help="run the HTTP service (native /api/v1 and A1111 /sdapi/v1)")
     sv.add_argument("--host", default="127.0.0.1")
@@ -417,6 +424,27 @@ def cmd_models_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models_info(args: argparse.Namespace) -> int:
+    """Model cards in this process (no server needed), as the ``model_info`` job writes them."""
+    from .engine.engine import Engine
+    from .models.cards import fetch_cards, parse_params, targets
+    from .models.hashing import sha256_file
+
+    params = parse_params({"all": True, "refresh": args.refresh} if args.all
+                          else {"kind": args.kind, "name": args.name, "refresh": args.refresh})
+    engine = Engine(_dirs(args), device="cpu")
+    cache = engine.registry.cache
+    result = fetch_cards(targets(engine, params), _download_settings(args),
+                         lambda p: cache.get(p, "sha256", lambda: sha256_file(p)),
+                         refresh=params["refresh"], skip_existing=bool(params.get("all")))
+    for m in result["models"]:
+        detail = m.get("message") or ", ".join(str(m[k]) for k in ("civitai_model", "base_model") if m.get(k))
+        print(f"{m['kind']:<11} {m['name']}: {m['status']}" + (f" ({detail})" if detail else ""))
+    for w in result["warnings"]:
+        print(f"warning: {w}", file=sys.stderr)
+    return 0
+
+
 def cmd_extras(args: argparse.Namespace) -> int:
     from datetime import date
 
@@ -700,7 +728,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "extras": cmd_extras,
         "users": cmd_users,
         "models": lambda a: {"list": cmd_models_list, "make-tiny": cmd_make_tiny,
-                             "merge": cmd_models_merge, "download": cmd_models_download}[a.models_command](a),
+                             "merge": cmd_models_merge, "download": cmd_models_download,
+                             "info": cmd_models_info}[a.models_command](a),
         "train": cmd_train_lora,
     }
     try:

@@ -205,8 +205,12 @@ def make_handler(p: Provider, role: str) -> type[BaseHTTPRequestHandler]:
 
 @pytest.fixture
 def provider() -> Any:
-    p = Provider()
-    servers = [ThreadingHTTPServer(("127.0.0.1", 0), make_handler(p, role)) for role in ("main", "storage")]
+    yield from serve(Provider(), make_handler)
+
+
+def serve(p: Any, handler: Any) -> Any:
+    """The provider's two hosts ("main": the API, "storage": the CDN/signed URLs) on local ports."""
+    servers = [ThreadingHTTPServer(("127.0.0.1", 0), handler(p, role)) for role in ("main", "storage")]
     p.main, p.storage = (f"http://127.0.0.1:{s.server_address[1]}" for s in servers)
     for s in servers:
         s.daemon_threads = True

@@ -153,6 +153,22 @@ def test_inpainting_a_merges_its_first_four_input_channels_with_a_normal_b(input
         merge(inputs, tmp_path, "a", "inp", name="wrong")
 
 
+def test_a_merge_that_cannot_fit_on_disk_is_refused_before_writing(inputs, tmp_path: Path, monkeypatch) -> None:
+    from collections import namedtuple
+
+    import muralist.models.merge as merge_module
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(merge_module.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 2**20, 2**20))
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(InvalidRequestError, match="not enough disk space for the merge"):
+        merge(inputs, out, "a", "b")
+    assert list(out.iterdir()) == []  # nothing written, not even a temporary file
+    monkeypatch.undo()
+    assert merge(inputs, out, "a", "b")[0].is_file()
+
+
 def test_the_sha256_written_is_the_files(inputs, tmp_path: Path) -> None:
     from muralist.models.hashing import sha256_file
 

@@ -12,8 +12,6 @@ import hashlib
 import io
 import json
 import re
-import threading
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -24,7 +22,7 @@ import pytest
 from muralist.errors import ForbiddenError
 from muralist.models.cards import merge_user_metadata, sd_version
 from tests.server_util import copy_models, running_server, wait_job
-from tests.test_download import TOKEN, Provider, make_handler, settings_for
+from tests.test_download import TOKEN, Provider, make_handler, serve, settings_for
 from tests.test_web import CHROMIUM, browser, shot, signed_in, site  # noqa: F401 - shared fixtures
 
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
@@ -58,16 +56,7 @@ def card_handler(p: CivitaiProvider, role: str) -> type:
 
 @pytest.fixture
 def civitai() -> Any:
-    p = CivitaiProvider()
-    servers = [ThreadingHTTPServer(("127.0.0.1", 0), card_handler(p, role)) for role in ("main", "storage")]
-    p.main, p.storage = (f"http://127.0.0.1:{s.server_address[1]}" for s in servers)
-    for s in servers:
-        s.daemon_threads = True
-        threading.Thread(target=s.serve_forever, daemon=True).start()
-    yield p
-    for s in servers:
-        s.shutdown()
-        s.server_close()
+    yield from serve(CivitaiProvider(), card_handler)
 
 
 def jpeg(size: tuple[int, int] = (800, 600)) -> bytes:
@@ -303,3 +292,22 @@ def test_download_form_shows_the_result_and_fetch_all_reports_counts(site, brows
         assert re.search(r"Saved 1, not found on Civitai [1-9]\d*, skipped 1, errors 0", page.inner_text("#info-status"))
     finally:
         service.settings.downloads = before
+
+
+def test_cli_fetches_a_card_without_a_server(civitai: CivitaiProvider, tmp_path: Path, a1111_models: Path,
+                                            monkeypatch, capsys) -> None:
+    from muralist.cli import main
+
+    root = copy_models(a1111_models, tmp_path / "data")
+    lora = add_lora(root / "models" / "Lora", "cliink")
+    civitai.by_hash[sha(lora).upper()] = version_info(civitai, 77, "CLI Ink", "LORA", ["cli ink"])
+    civitai.images[IMAGE_PATH] = jpeg()
+    monkeypatch.setenv("CIVITAI_API_TOKEN", TOKEN)
+    assert main(["models", "info", "cliink", "--kind", "lora", "--data-dir", str(root),
+                 "--civitai-endpoint", civitai.main]) == 0
+    assert "cliink: saved (CLI Ink, SD 1.5)" in capsys.readouterr().out
+    assert json.loads((lora.parent / "cliink.json").read_text())["activation text"] == "cli ink"
+    assert (lora.parent / "cliink.preview.png").is_file()
+    assert main(["models", "info", "--all", "--data-dir", str(root), "--civitai-endpoint", civitai.main]) == 0
+    out = capsys.readouterr().out
+    assert "cliink: skipped" in out and "not_found" in out  # the tiny checkpoints are not on Civitai

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import re
+import shutil
 import struct
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -344,6 +345,7 @@ def merge_checkpoints(
         stem = name + (".inpainting" if inpainting else ".instruct-pix2pix" if pix2pix else "")
         target = out_dir / f"{stem}.{save_as}"
         check_free(target)
+        _check_space(out_dir, plan)
         metadata = _metadata(primary, secondary, tertiary, opts, inpainting, pix2pix,
                              [r for r in (ra, rb, rc) if r is not None]) if save_as == "safetensors" else {}
 
@@ -450,6 +452,17 @@ def output_name(name: str) -> str:
         raise InvalidRequestError(f"name: {name!r} is not a plain file name (no folders, '..', leading '.', "
                                   "control characters or any of \\ / : * ? \" < > |; at most 150 characters)")
     return name
+
+
+def _check_space(out_dir: Path, plan: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> None:
+    """Refuse before writing anything when the merged file cannot fit (its size is known from the plan)."""
+    need = sum(math.prod(shape) * torch.empty(0, dtype=dt).element_size() for _, dt, shape in plan)
+    folder = out_dir if out_dir.exists() else out_dir.parent
+    free = shutil.disk_usage(folder).free
+    margin = 64 * 2**20  # room for the hash cache, logs and the database
+    if need + margin > free:
+        raise InvalidRequestError(f"not enough disk space for the merge: {need / 2**30:.2f} GiB to write, "
+                                  f"{free / 2**30:.2f} GiB free in {folder}")
 
 
 def check_free(target: Path) -> None:
