@@ -24,6 +24,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
+from .engine.samplers import SAMPLERS, SCHEDULES
 from .errors import MuralistError
 
 # Fixed keys in the order of A1111's create_infotext (v1.10). Keys not listed here are
@@ -61,26 +62,22 @@ INFOTEXT_LAST: tuple[str, ...] = ("Version", "User")
 
 PNG_TEXT_KEY = "parameters"
 
-# A1111 v1.10 sampler facts that decide which keys its infotext holds (sd_samplers_kdiffusion.py,
-# sd_samplers_timesteps.py, sd_samplers_common.py, sd_schedulers.py).
+# A1111 v1.10 sampler facts that decide which keys its infotext holds, from the one sampler table
+# (``engine/samplers.py``: sd_samplers_kdiffusion.py, sd_samplers_timesteps.py, sd_schedulers.py).
 # The schedule type a sampler uses for "Automatic"; samplers not listed use the model's own sigmas,
 # and A1111 then writes "Schedule type: Automatic".
-A1111_DEFAULT_SCHEDULE: dict[str, str] = {
-    "DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "DPM++ 2M SDE": "Exponential", "DPM++ 2M SDE Heun": "Exponential",
-    "DPM++ 2S a": "Karras", "DPM++ 3M SDE": "Exponential", "DPM2": "Karras", "DPM2 a": "Karras", "Restart": "Karras",
-}
+A1111_DEFAULT_SCHEDULE: dict[str, str] = {s.name: SCHEDULES[s.default_schedule][0] for s in SAMPLERS
+                                          if s.is_k and s.default_schedule != "uniform"}
 # Samplers on timesteps ignore the schedule type; A1111 writes the one that was asked for.
-TIMESTEP_SAMPLERS = frozenset({"DDIM", "DDIM CFG++", "PLMS", "UniPC"})
+TIMESTEP_SAMPLERS = frozenset(s.name for s in SAMPLERS if not s.is_k)
 # Samplers whose k-diffusion function takes eta ("Eta" when it is not 1); DDIM's is "Eta DDIM" (default 0).
-ETA_SAMPLERS = frozenset({"Euler a", "DPM2 a", "DPM++ 2S a", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun",
-                          "DPM++ 3M SDE", "DPM fast", "DPM adaptive"})
-DDIM_ETA_SAMPLERS = frozenset({"DDIM", "DDIM CFG++"})
+ETA_SAMPLERS = frozenset(s.name for s in SAMPLERS if s.eta)
+DDIM_ETA_SAMPLERS = frozenset({"DDIM"})
 # sampler_extra_params: the samplers given s_churn/s_tmin/s_tmax, and those given s_noise.
-CHURN_SAMPLERS = frozenset({"Euler", "Heun", "DPM2"})
-S_NOISE_SAMPLERS = CHURN_SAMPLERS | {"DPM fast", "DPM2 a", "DPM++ 2S a", "DPM++ SDE", "DPM++ 2M SDE",
-                                     "DPM++ 2M SDE Heun", "DPM++ 3M SDE"}
+CHURN_SAMPLERS = frozenset(s.name for s in SAMPLERS if "s_churn" in s.extra)
+S_NOISE_SAMPLERS = frozenset(s.name for s in SAMPLERS if "s_noise" in s.extra)
 # The samplers whose noise ENSD changes ("uses_ensd"); only while eta is not 0.
-ENSD_SAMPLERS = frozenset({"Euler a", "DPM++ 2S a", "DPM2 a", "DPM fast", "DPM adaptive"})
+ENSD_SAMPLERS = frozenset(s.name for s in SAMPLERS if s.uses_ensd)
 BETA_DIST = (0.6, 0.6)  # A1111's beta_dist_alpha/beta_dist_beta defaults, written with the Beta schedule
 
 # A1111's parameter regex (infotext_utils.re_param), kept verbatim: what it cannot match,

@@ -48,6 +48,9 @@ class Sampler:
     second_order: bool = False
     # A1111's LCM sampler runs on its own denoiser (LcmSigmas: 50 levels, boundary scalings).
     lcm: bool = False
+    # Its function takes eta (A1111 then passes eta_ancestral, default 1); its noise follows ENSD.
+    eta: bool = False
+    uses_ensd: bool = False
 
     def prompt_steps(self, steps: int) -> int:
         """The step count A1111 builds prompt-editing schedules for (its SamplerData.total_steps)."""
@@ -63,22 +66,22 @@ NOISE = ("s_noise",)
 # A1111 v1.10's samplers, in its order, with its aliases and per-sampler options.
 SAMPLERS: list[Sampler] = [
     Sampler("DPM++ 2M", "sample_dpmpp_2m", aliases=("k_dpmpp_2m",), default_schedule="karras"),
-    Sampler("DPM++ SDE", "sample_dpmpp_sde", aliases=("k_dpmpp_sde",), default_schedule="karras", brownian=True, extra=NOISE, second_order=True),
+    Sampler("DPM++ SDE", "sample_dpmpp_sde", aliases=("k_dpmpp_sde",), default_schedule="karras", brownian=True, extra=NOISE, second_order=True, eta=True),
     Sampler("DPM++ 2M SDE", "sample_dpmpp_2m_sde", aliases=("k_dpmpp_2m_sde",), default_schedule="exponential",
-            brownian=True, extra=NOISE),
+            brownian=True, extra=NOISE, eta=True),
     Sampler("DPM++ 2M SDE Heun", "sample_dpmpp_2m_sde", aliases=("k_dpmpp_2m_sde_heun",), kwargs={"solver_type": "heun"},
-            default_schedule="exponential", brownian=True, extra=NOISE),
-    Sampler("DPM++ 2S a", "sample_dpmpp_2s_ancestral", aliases=("k_dpmpp_2s_a",), default_schedule="karras", extra=NOISE, second_order=True),
+            default_schedule="exponential", brownian=True, extra=NOISE, eta=True),
+    Sampler("DPM++ 2S a", "sample_dpmpp_2s_ancestral", aliases=("k_dpmpp_2s_a",), default_schedule="karras", extra=NOISE, second_order=True, eta=True, uses_ensd=True),
     Sampler("DPM++ 3M SDE", "sample_dpmpp_3m_sde", aliases=("k_dpmpp_3m_sde",), default_schedule="exponential",
-            discard_penultimate=True, brownian=True, extra=NOISE),
-    Sampler("Euler a", "sample_euler_ancestral", aliases=("k_euler_a", "k_euler_ancestral")),
+            discard_penultimate=True, brownian=True, extra=NOISE, eta=True),
+    Sampler("Euler a", "sample_euler_ancestral", aliases=("k_euler_a", "k_euler_ancestral"), eta=True, uses_ensd=True),
     Sampler("Euler", "sample_euler", aliases=("k_euler",), extra=CHURN),
     Sampler("LMS", "sample_lms", aliases=("k_lms",)),
     Sampler("Heun", "sample_heun", aliases=("k_heun",), extra=CHURN, second_order=True),
     Sampler("DPM2", "sample_dpm_2", aliases=("k_dpm_2",), default_schedule="karras", discard_penultimate=True, extra=CHURN, second_order=True),
-    Sampler("DPM2 a", "sample_dpm_2_ancestral", aliases=("k_dpm_2_a",), default_schedule="karras", discard_penultimate=True, extra=NOISE, second_order=True),
-    Sampler("DPM fast", "sample_dpm_fast", aliases=("k_dpm_fast",), own_schedule=True, extra=NOISE),
-    Sampler("DPM adaptive", "sample_dpm_adaptive", aliases=("k_dpm_ad",), own_schedule=True),
+    Sampler("DPM2 a", "sample_dpm_2_ancestral", aliases=("k_dpm_2_a",), default_schedule="karras", discard_penultimate=True, extra=NOISE, second_order=True, eta=True, uses_ensd=True),
+    Sampler("DPM fast", "sample_dpm_fast", aliases=("k_dpm_fast",), own_schedule=True, extra=NOISE, eta=True, uses_ensd=True),
+    Sampler("DPM adaptive", "sample_dpm_adaptive", aliases=("k_dpm_ad",), own_schedule=True, eta=True, uses_ensd=True),
     Sampler("Restart", "sample_restart", aliases=("restart",), default_schedule="karras", second_order=True),
     Sampler("DDIM", cls="DDIMScheduler", aliases=("ddim",), spacing="leading"),
     Sampler("PLMS", cls="PNDMScheduler", aliases=("plms",), kwargs={"skip_prk_steps": True}, spacing="leading"),
