@@ -390,14 +390,13 @@ def _sample_diffusers(model: LoadedModel, choice: samplers.SamplerChoice, rng: I
     step_kwargs = _step_kwargs(scheduler, rng.generators, options.eta)
     # img2img: run the last int(steps * strength) steps of the schedule from the noised image, or
     # with fix_steps exactly `steps` steps of a longer schedule (A1111).
-    sched_steps = fixed_steps(steps, strength) if init_latent is not None and fix_steps else steps
+    sched_steps, t_enc = img2img_steps(choice, steps, strength, fix_steps) if init_latent is not None else (steps, steps)
     scheduler.set_timesteps(sched_steps, device=dev)
     noise = noise.to(dev, torch.float32)
     timesteps = scheduler.timesteps
     if init_latent is None:
         latents = noise * scheduler.init_noise_sigma
     else:
-        t_enc = steps if fix_steps else max(1, min(int(min(strength, 0.999) * steps), steps))
         start = (sched_steps - t_enc) * scheduler.order
         timesteps = timesteps[start:]
         if hasattr(scheduler, "set_begin_index"):
@@ -653,6 +652,16 @@ def generate_images(
         encoder = PromptEncoder(model, req.clip_skip, extras.embeddings, req.novelai_braces, req.emphasis)
         conds = job_conditioning(encoder, prompt, negative, choice.sampler.prompt_steps(req.steps),
                                  pad_cond_uncond=req.pad_cond_uncond)
+        hr_conds = None
+        if hr_choice is not None:
+            # Once per job. A1111 (since 1.6) schedules the hires pass's prompt editing after the first
+            # pass's steps: "[a:b:0.5]" is b for the whole hires pass, "[a:b:1.5]" switches half-way.
+            hr_prompt = extract_extra_networks(req.hr_prompt)[0] if req.hr_prompt else prompt
+            hr_negative = extract_extra_networks(req.hr_negative_prompt)[0] if req.hr_negative_prompt else negative
+            hr_conds = job_conditioning(encoder, hr_prompt, hr_negative,
+                                        hr_choice.sampler.prompt_steps(req.hr_second_pass_steps or req.steps),
+                                        pad_cond_uncond=req.pad_cond_uncond,
+                                        base_steps=choice.sampler.prompt_steps(req.steps))
         extra_params: dict[str, Any] = {}
         for i, c in enumerate(controls):
             extra_params[f"ControlNet {i}"] = c.infotext
@@ -702,7 +711,7 @@ def generate_images(
                 for c in controls:
                     c.set_size(*req.hr_size, model.device, model.dtype)
                 latents = _hires_pass(model, vae, req, hr_choice, hr_upscaler, strength, latents, batch_seeds, batch_subseeds,
-                                      encoder, prompt, negative, choice.sampler.prompt_steps(req.steps), control,
+                                      hr_conds, control,
                                       lambda step, lat, n=n: on_step(step, lat, n, total_steps), upscale, hr_hook)
                 extra_params.update(_hires_params(req, hr_upscaler, strength, hr_choice, choice))
             if control is not None and control.interrupted.is_set():
@@ -766,13 +775,10 @@ def _inpaint_image_cond(model: LoadedModel, vae: Any, images: list[Image.Image],
 
 
 def _hires_pass(model: LoadedModel, vae: Any, req: GenerationRequest, choice: samplers.SamplerChoice, upscaler: str,
-                strength: float, latents: torch.Tensor, seeds: list[int], subseeds: list[int], encoder: PromptEncoder,
-                prompt: str, negative: str, base_steps: int, control: JobControl | None,
-                on_step: Callable[[int, torch.Tensor], None], upscale: Any, controls: Any = None) -> torch.Tensor:
-    """Hires fix: upscale the first pass (in latent space, or as an image) and run img2img on it.
-
-    ``base_steps``: the first pass's prompt steps; A1111 (since 1.6) schedules the hires pass's prompt
-    editing after them, so "[a:b:0.5]" is b for the whole hires pass and "[a:b:1.5]" switches half-way."""
+                strength: float, latents: torch.Tensor, seeds: list[int], subseeds: list[int], hr_conds: JobConditioning,
+                control: JobControl | None, on_step: Callable[[int, torch.Tensor], None], upscale: Any,
+                controls: Any = None) -> torch.Tensor:
+    """Hires fix: upscale the first pass (in latent space, or as an image) and run img2img on it."""
     w, h = req.hr_size
     if upscaler in LATENT_MODES:
         mode, aa = LATENT_MODES[upscaler]
@@ -780,11 +786,7 @@ def _hires_pass(model: LoadedModel, vae: Any, req: GenerationRequest, choice: sa
     else:
         big = [upscale(img, w, h, upscaler) for img in decode(vae, latents, model.vae_scale)]
         init = encode(vae, big, model.vae_scale)
-    hr_prompt, _ = extract_extra_networks(req.hr_prompt) if req.hr_prompt else (prompt, [])
-    hr_negative, _ = extract_extra_networks(req.hr_negative_prompt) if req.hr_negative_prompt else (negative, [])
     steps = req.hr_second_pass_steps or req.steps
-    hr_conds = job_conditioning(encoder, hr_prompt, hr_negative, choice.sampler.prompt_steps(steps),
-                                pad_cond_uncond=req.pad_cond_uncond, base_steps=base_steps)
     rng = ImageNoise(seeds, subseeds, req.subseed_strength, shape=(4, h // 8, w // 8), **_noise_options(model, req))
     noise = rng.first()
     image_cond = None
@@ -796,9 +798,7 @@ def _hires_pass(model: LoadedModel, vae: Any, req: GenerationRequest, choice: sa
 def _written_schedule(choice: samplers.SamplerChoice) -> str | None:
     """The "Schedule type" A1111 records for a pass: the label it ran when it picked a schedule
     function (a k-diffusion sampler with a schedule asked for, or a default one), else None."""
-    if choice.sampler.is_k and (choice.requested != "automatic" or choice.sampler.default_schedule != "uniform"):
-        return choice.schedule_label
-    return None
+    return choice.schedule_label if choice.runs_schedule() else None
 
 
 def _hires_params(req: GenerationRequest, upscaler: str, strength: float, hr: samplers.SamplerChoice,
