@@ -67,6 +67,25 @@ def test_generate_shows_the_image_with_its_infotext(site, browser) -> None:
     shot(page, "txt2img")
 
 
+def test_sign_in_before_the_language_file_arrives(site, browser) -> None:
+    # A slow first load: the user signs in while the UI's strings are still on their way.
+    url, _, keys = site
+    page = browser.new_context().new_page()
+    held = []
+    page.route("**/ui/i18n/*.json", lambda route: held.append(route))
+    page.goto(url + "/")
+    page.fill("#apikey", keys["bob"])
+    page.click("#login button[type=submit]")
+    page.wait_for_function("document.querySelector('#model').options.length > 0")
+    assert page.inner_text("#whoami") == "bob"
+    assert held, "the language file was not held back"
+    for route in held:
+        route.continue_()
+    page.wait_for_function("document.documentElement.lang !== ''")
+    assert page.inner_text("#whoami") == "bob"
+    page.context.close()
+
+
 def test_queue_two_jobs_and_cancel_the_second(site, browser) -> None:
     url, _, keys = site
     page = signed_in(browser, url, keys["alice"])

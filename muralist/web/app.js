@@ -803,7 +803,8 @@ function selectTab(name) {
 // ---------------------------------------------------------------- wiring
 
 async function start() {
-  await loadLanguage(state.lang);
+  // Every handler is wired before the first await: a sign-in pressed while the language file is
+  // still loading must not fall through to the browser's native form submit (a page reload).
   $("lang").onchange = () => loadLanguage($("lang").value);
   $("login").onsubmit = async (ev) => {
     ev.preventDefault();
@@ -854,6 +855,7 @@ async function start() {
   $("ds-upload").onsubmit = uploadDataset;
   $("ds-list").onchange = () => showDataset($("ds-list").value).catch((e) => showError(e.message));
   $("train-form").onsubmit = startTraining;
+  await loadLanguage(state.lang);
   const me = await refreshAccount();
   if (me) await fillChoices(me).catch((e) => showError(e.message));
   countTokens();
