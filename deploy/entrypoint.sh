@@ -1,0 +1,53 @@
+#!/bin/sh
+# Container entrypoint (run by tini). Roles:
+#   serve [flags]   the API + web UI; muralist reads every MURALIST_* variable itself (flags win)
+#   worker [flags]  offer this container's devices to the cluster at MURALIST_CLUSTER
+#   head            the Ray head (token auth, port MURALIST_RAY_PORT, default 6380)
+#   anything else   run as a command (muralist users add ..., bash, ...)
+set -eu
+
+demo_models() {
+    # Tiny random-weight models, only when asked: lets a fresh install generate without real weights.
+    if [ "${MURALIST_DEMO_MODELS:-0}" = 1 ] && [ -z "$(ls -A "${MURALIST_DATA_DIR:-/data}/models/Stable-diffusion" 2>/dev/null)" ]; then
+        muralist models make-tiny >/dev/null
+    fi
+}
+
+need_token() {
+    if [ -z "${RAY_AUTH_TOKEN:-}" ]; then
+        echo "muralist: set RAY_AUTH_TOKEN (the same on every node; e.g. openssl rand -hex 24) to use the cluster" >&2
+        exit 2
+    fi
+    export RAY_AUTH_MODE=token
+}
+
+role="${1:-serve}"
+[ $# -gt 0 ] && shift
+case "$role" in
+serve)
+    demo_models
+    if [ -n "${MURALIST_CLUSTER:-}" ]; then
+        need_token
+        # The API process is a Ray driver, and a driver needs a Ray node on its own machine: join
+        # the head as a node that takes no work (CPUs and GPUs 0); the workers run elsewhere.
+        ray start --address="$MURALIST_CLUSTER" --num-cpus=0 --num-gpus=0 --dashboard-agent-listen-port=0 >/dev/null
+    fi
+    exec muralist serve "$@"
+    ;;
+worker)
+    demo_models
+    need_token
+    exec muralist worker "$@"
+    ;;
+head)
+    need_token
+    muralist cluster start-head --port "${MURALIST_RAY_PORT:-6380}" --node-ip-address "$(hostname -i | cut -d' ' -f1)" >/dev/null
+    echo "muralist: Ray head listening on port ${MURALIST_RAY_PORT:-6380}" >&2
+    # Stay in the foreground until docker stop, then take the Ray processes down cleanly.
+    trap 'ray stop >/dev/null 2>&1; exit 0' TERM INT
+    while :; do sleep 3600 & wait $!; done
+    ;;
+*)
+    exec "$role" "$@"
+    ;;
+esac
