@@ -8,9 +8,16 @@ set -eu
 
 demo_models() {
     # Tiny random-weight models, only when asked: lets a fresh install generate without real weights.
-    if [ "${MURALIST_DEMO_MODELS:-0}" = 1 ] && [ -z "$(ls -A "${MURALIST_DATA_DIR:-/data}/models/Stable-diffusion" 2>/dev/null)" ]; then
-        muralist models make-tiny >/dev/null
-    fi
+    # Under a lock: the API and a worker sharing the volume start together.
+    [ "${MURALIST_DEMO_MODELS:-0}" = 1 ] || return 0
+    data="${MURALIST_DATA_DIR:-/data}"
+    mkdir -p "$data"
+    (
+        flock 9
+        if [ -z "$(ls -A "$data/models/Stable-diffusion" 2>/dev/null)" ]; then
+            muralist models make-tiny --data-dir "$data" >/dev/null
+        fi
+    ) 9>"$data/.demo-models.lock"
 }
 
 need_token() {
