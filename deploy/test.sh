@@ -199,16 +199,17 @@ wait_job "$J1"
 
 # ---------------------------------------------------------------- API restart mid-job
 step "API restart mid-job"
-J2=$(submit 60 12) || fail "POST /api/v1/jobs failed"
+J2=$(submit 150 16) || fail "POST /api/v1/jobs failed"
 for _ in $(seq 120); do [ "$(job_field "$J2" '["status"]')" = running ] && break; sleep 0.5; done
 [ "$(job_field "$J2" '["status"]')" = running ] || fail "job $J2 never started"
-$DOCKER restart "$(api_container)" >/dev/null
+compose restart muralist >/dev/null 2>&1 || fail "compose restart failed"  # honours stop_grace_period
 wait_healthy >/dev/null
 wait_job "$J2"
+note "restarted_job_attempts=$(job_field "$J2" '["attempts"]')"
 
 # ---------------------------------------------------------------- stop everything, up again
 step "stop all with a job in flight"
-J3=$(submit 60 12) || fail "POST /api/v1/jobs failed"
+J3=$(submit 150 16) || fail "POST /api/v1/jobs failed"
 for _ in $(seq 120); do [ "$(job_field "$J3" '["status"]')" = running ] && break; sleep 0.5; done
 before=$(curl -fsS "${H[@]}" "$API/api/v1/images" | jq_ 'sorted(i["id"] for i in d["images"])')
 compose --profile cpu stop >/dev/null 2>&1 || fail "compose stop failed"
