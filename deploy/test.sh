@@ -96,8 +96,11 @@ links=() indexes=() i=0
 for src in $(python3 -m pip config get global.find-links 2>/dev/null) $(python3 -m pip config get global.extra-index-url 2>/dev/null); do
     dir=${src#file://}
     [ -d "$dir" ] || continue
-    ln -sfn "$dir" "$WORK/pipsrv/d$i"
-    if [ "$src" = "$dir" ]; then links+=("d$i"); else indexes+=("d$i"); fi
+    if [ "$src" = "$dir" ]; then
+        ln -sfn "$dir" "$WORK/pipsrv/d$i" && links+=("d$i")
+    else  # an index's pages link to ../../files/: serve its parent folder
+        ln -sfn "$(dirname "$dir")" "$WORK/pipsrv/d$i" && indexes+=("d$i/$(basename "$dir")")
+    fi
     i=$((i + 1))
 done
 if [ "$i" -gt 0 ]; then
