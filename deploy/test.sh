@@ -59,6 +59,8 @@ cleanup() {
     exit "$rc"
 }
 trap cleanup EXIT
+trap "exit 143" TERM
+trap "exit 130" INT
 
 # ---------------------------------------------------------------- Docker
 step "docker"
