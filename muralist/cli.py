@@ -153,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog=env_epilog("serve") + " First admin: MURALIST_ADMIN_KEY (24+ characters) and "
                         "MURALIST_ADMIN_NAME (default admin) create that admin if it does not exist.")
     sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--listen", action="store_true", help="listen on all interfaces (0.0.0.0); needs authentication")
+    sv.add_argument("--listen", action="store_true", help="listen on all interfaces (0.0.0.0); needs authentication "
+                    "(with no users yet, the first start creates user admin and prints its key once)")
     sv.add_argument("--allow-anonymous", action="store_true", help="allow --listen without any authentication")
     sv.add_argument("--port", type=int, default=7860)
     sv.add_argument("--database", default=None, help="sqlite:///path or postgresql://... (default: DATA/muralist.db)")
@@ -602,6 +603,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         basic[name.strip()] = password
     store = _store(args)
     host = "0.0.0.0" if args.listen else args.host
+    # On the network without --api-auth or --allow-anonymous, a store without users gets a first
+    # admin (its key printed once) rather than a refusal: a fresh container comes up usable and closed.
     try:
         needs_auth = host not in ("127.0.0.1", "localhost", "::1") and not basic and not args.allow_anonymous
         if first_key := bootstrap_admin(store, needs_auth):
@@ -610,12 +613,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         store.close()
         raise
     keyed = any(u.name != "local" for u in store.list_users())
-    if host not in ("127.0.0.1", "localhost", "::1") and not basic and not keyed and not args.allow_anonymous:
-        store.close()
-        raise MuralistError(
-            "refusing to listen on the network without authentication: anyone could use your GPU and see "
-            "every image. Add users (muralist users add NAME), or pass --api-auth user:pass, or --allow-anonymous"
-        )
     dirs = _dirs(args)
     dirs.ensure()
     # One in-process worker per device (several on one device share its model manager). With

@@ -15,11 +15,11 @@ from pathlib import Path
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from server_util import copy_models, free_port, running_server, wait_job
 
 from muralist.cli import _parse, main
 from muralist.service.bootstrap import bootstrap_admin
 from muralist.service.store import open_store
+from tests.server_util import copy_models, free_port, running_server, wait_job
 
 JOB = {"prompt": "a red fox", "width": 64, "height": 64, "steps": 4}
 
