@@ -695,8 +695,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
             ray_cluster.ray_get([a.info.remote() for a in actors], timeout=30)
         except Exception as e:  # Ray restarts a dead actor by itself; say so and carry on
             log.warning("muralist worker: a worker is restarting (%s)", type(e).__name__)
-    # Leaving: the actors go (a job still running is re-run elsewhere by the dispatcher).
-    ray_cluster.stop_workers(names)
+    # Leaving: a running job is interrupted and re-queued by its dispatcher (not counted as a
+    # failure), then the actors go.
+    log.info("muralist worker: leaving %s", args.cluster)
+    ray_cluster.leave_workers(names)
     if not args.no_start_node:
         subprocess.run(["ray", "stop"], capture_output=True)
     return 0
