@@ -561,18 +561,12 @@ def _devices(spec: str | None, device: str | None = None) -> list[str]:
 
 
 def _check_port(host: str, port: int) -> None:
-    import socket
-
+    from .doctor import bind_error
     from .errors import MuralistError
 
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise MuralistError(f"cannot listen on {host}:{port} ({e.strerror}); is muralist already running? "
-                                "Choose another port with --port") from None
+    if e := bind_error(host, port):
+        raise MuralistError(f"cannot listen on {host}:{port} ({e.strerror}); is muralist already running? "
+                            "Choose another port with --port")
 
 
 def _show_first_key(key: str) -> None:

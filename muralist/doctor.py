@@ -180,15 +180,22 @@ def check_disk(dirs: DataDirs) -> Check:
     return Check("disk", OK, text)
 
 
-def check_port(host: str, port: int) -> Check:
+def bind_error(host: str, port: int) -> OSError | None:
+    """Why the server could not listen on host:port (bound as uvicorn binds), or None."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as e:
-            return Check("port", FAIL, f"cannot listen on {host}:{port} ({e.strerror}): stop what uses it "
-                                       "(another muralist?) or choose another --port (MURALIST_PORT)")
+            return e
+    return None
+
+
+def check_port(host: str, port: int) -> Check:
+    if e := bind_error(host, port):
+        return Check("port", FAIL, f"cannot listen on {host}:{port} ({e.strerror}): stop what uses it "
+                                   "(another muralist?) or choose another --port (MURALIST_PORT)")
     return Check("port", OK, f"{host}:{port} is free")
 
 

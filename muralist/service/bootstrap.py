@@ -12,11 +12,10 @@ import os
 from collections.abc import Mapping
 
 from ..errors import InvalidRequestError, MuralistError
+from .app import LOCAL_USER
 from .store import MIN_KEY_CHARS, Store
 
 log = logging.getLogger("muralist.service")
-
-LOCAL_USER = "local"  # the implicit single-user-mode admin: not a real account
 
 
 def bootstrap_admin(store: Store, needs_auth: bool, environ: Mapping[str, str] | None = None) -> str | None:
