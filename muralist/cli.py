@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .envflags import env_epilog
+
 
 def _add_dirs(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("folders (A1111 layout)")
@@ -45,6 +47,15 @@ def _download_settings(args: argparse.Namespace) -> Any:
     cap = int(args.max_download_gb * 2**30) if args.max_download_gb else None
     return DownloadSettings.from_env(hf_endpoint=args.hf_endpoint, modelscope_endpoint=args.modelscope_endpoint,
                                      civitai_endpoint=args.civitai_endpoint, max_bytes=cap)
+
+
+def _add_log_format(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="json: one JSON object per log line (ts, level, logger, message, job, user)")
+
+
+# Commands whose options may also come from MURALIST_* variables (what container images set).
+ENV_COMMANDS = ("serve", "worker", "doctor")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,9 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_download_options(mi)
     _add_dirs(mi)
 
-    sv = sub.add_parser("serve", help="run the HTTP service (native /api/v1 and A1111 /sdapi/v1)")
+    sv = sub.add_parser("serve", help="run the HTTP service (native /api/v1 and A1111 /sdapi/v1)",
+                        epilog=env_epilog("serve") + " First admin: MURALIST_ADMIN_KEY (24+ characters) and "
+                        "MURALIST_ADMIN_NAME (default admin) create that admin if it does not exist.")
     sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--listen", action="store_true", help="listen on all interfaces (0.0.0.0); needs authentication")
+    sv.add_argument("--listen", action="store_true", help="listen on all interfaces (0.0.0.0); needs authentication "
+                    "(with no users yet, the first start creates user admin and prints its key once)")
     sv.add_argument("--allow-anonymous", action="store_true", help="allow --listen without any authentication")
     sv.add_argument("--port", type=int, default=7860)
     sv.add_argument("--database", default=None, help="sqlite:///path or postgresql://... (default: DATA/muralist.db)")
@@ -163,10 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-attempts", type=int, default=2, help="lost runs (dead or stalled worker) before a job fails")
     sv.add_argument("--grace", type=float, default=10.0, metavar="S",
                     help="on SIGTERM, seconds running jobs get to finish before they are re-queued")
+    sv.add_argument("--metrics-public", action="store_true",
+                    help="serve /metrics without an admin API key (for a private scrape network)")
+    _add_log_format(sv)
     _add_download_options(sv)
     _add_dirs(sv)
 
-    wk = sub.add_parser("worker", help="offer this machine's devices to a cluster's API (Ray)")
+    wk = sub.add_parser("worker", help="offer this machine's devices to a cluster's API (Ray)", epilog=env_epilog("worker"))
     wk.add_argument("--cluster", required=True, metavar="HOST:PORT", help="the Ray head (muralist cluster start-head)")
     wk.add_argument("--devices", default=None, metavar="cuda:0,cuda:1|cpu", help="default: every GPU, else the CPU")
     wk.add_argument("--name", default=None, help="worker name (default: this machine's host name)")
@@ -174,7 +191,18 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--max-model-memory", type=float, default=None, metavar="GIB")
     wk.add_argument("--no-start-node", action="store_true",
                     help="this machine already joined the cluster (ray start --address=...)")
+    _add_log_format(wk)
     _add_dirs(wk)
+
+    dc = sub.add_parser("doctor", help="check this machine and configuration before serving (GPU, database, models, disk, port)",
+                        epilog=env_epilog("doctor"))
+    dc.add_argument("--host", default="127.0.0.1")
+    dc.add_argument("--listen", action="store_true", help="check the port on all interfaces (0.0.0.0)")
+    dc.add_argument("--port", type=int, default=7860)
+    dc.add_argument("--database", default=None, help="sqlite:///path or postgresql://... (default: DATA/muralist.db)")
+    dc.add_argument("--cluster", default=None, metavar="HOST:PORT", help="check that this Ray head answers")
+    dc.add_argument("--json", action="store_true", help="one JSON object instead of lines")
+    _add_dirs(dc)
 
     cl = sub.add_parser("cluster", help="Ray cluster set-up")
     clsub = cl.add_subparsers(dest="cluster_command", required=True)
@@ -533,18 +561,20 @@ def _devices(spec: str | None, device: str | None = None) -> list[str]:
 
 
 def _check_port(host: str, port: int) -> None:
-    import socket
-
+    from .doctor import bind_error
     from .errors import MuralistError
 
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise MuralistError(f"cannot listen on {host}:{port} ({e.strerror}); is muralist already running? "
-                                "Choose another port with --port") from None
+    if e := bind_error(host, port):
+        raise MuralistError(f"cannot listen on {host}:{port} ({e.strerror}); is muralist already running? "
+                            "Choose another port with --port")
+
+
+def _show_first_key(key: str) -> None:
+    """The generated first admin key, once, where an operator looking at the log will see it."""
+    line = "=" * 78
+    print(f"{line}\nfirst start: created admin user 'admin'; its API key (shown once): {key}\n"
+          f"store it now: it cannot be shown again (muralist users reset-key admin makes a new one)\n{line}",
+          file=sys.stderr, flush=True)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -553,10 +583,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .errors import MuralistError
+    from .logs import setup_logging
     from .service.app import AuthConfig, create_app
+    from .service.bootstrap import bootstrap_admin
     from .service.core import Service, Settings
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args.log_format)
     basic: dict[str, str] = {}
     for pair in filter(None, (args.api_auth or "").split(",")):
         name, sep, password = pair.partition(":")
@@ -565,13 +597,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         basic[name.strip()] = password
     store = _store(args)
     host = "0.0.0.0" if args.listen else args.host
-    keyed = any(u.name != "local" for u in store.list_users())
-    if host not in ("127.0.0.1", "localhost", "::1") and not basic and not keyed and not args.allow_anonymous:
+    # On the network without --api-auth or --allow-anonymous, a store without users gets a first
+    # admin (its key printed once) rather than a refusal: a fresh container comes up usable and closed.
+    try:
+        needs_auth = host not in ("127.0.0.1", "localhost", "::1") and not basic and not args.allow_anonymous
+        if first_key := bootstrap_admin(store, needs_auth):
+            _show_first_key(first_key)
+    except MuralistError:
         store.close()
-        raise MuralistError(
-            "refusing to listen on the network without authentication: anyone could use your GPU and see "
-            "every image. Add users (muralist users add NAME), or pass --api-auth user:pass, or --allow-anonymous"
-        )
+        raise
+    keyed = any(u.name != "local" for u in store.list_users())
     dirs = _dirs(args)
     dirs.ensure()
     # One in-process worker per device (several on one device share its model manager). With
@@ -602,12 +637,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     service = Service(dirs, store, settings)
     origins = [o.strip() for o in args.cors_allow_origins.split(",")] if args.cors_allow_origins else None
     local_only = host in ("127.0.0.1", "localhost", "::1")
-    app = create_app(service, AuthConfig(basic, allow_single_user=local_only or args.allow_anonymous), origins)
+    app = create_app(service, AuthConfig(basic, allow_single_user=local_only or args.allow_anonymous,
+                                         metrics_public=args.metrics_public), origins)
     _check_port(host, args.port)  # before saying "listening": a taken port is the likeliest start-up error
-    print(f"muralist {'(single-user mode) ' if not basic and not keyed else ''}listening on http://{host}:{args.port}", file=sys.stderr)
+    logging.getLogger("muralist").info("muralist %slistening on http://%s:%d",
+                                       "(single-user mode) " if not basic and not keyed else "", host, args.port)
     # SIGTERM: uvicorn stops accepting and closes connections (5 s for open streams), then the
     # service drains: running jobs finish within --grace or go back to the queue.
-    uvicorn.run(app, host=host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
+    # log_config=None: uvicorn's loggers (access log included) use the handler set up above.
+    uvicorn.run(app, host=host, port=args.port, log_level="info", log_config=None, timeout_graceful_shutdown=5)
     return 0
 
 
@@ -619,9 +657,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
     import threading
 
     from .errors import MuralistError
+    from .logs import setup_logging
     from .workers import ray_cluster
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args.log_format)
+    log = logging.getLogger("muralist.worker")
     dirs = _dirs(args)
     if not dirs.ckpt_dir.is_dir():
         raise MuralistError(f"no checkpoints folder at {dirs.ckpt_dir}: pass --data-dir (A1111 layout) or --ckpt-dir")
@@ -640,7 +680,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     actors = ray_cluster.start_workers(devices, name, str(dirs.root), folders=folders,
                                        max_loaded_models=args.max_loaded_models, max_model_bytes=budget)
     names = [ray_cluster.worker_name(name, d, len(devices)) for d in devices]
-    print(f"muralist worker: {', '.join(names)} on {', '.join(devices)} joined {args.cluster}", file=sys.stderr)
+    log.info("muralist worker: %s on %s joined %s", ", ".join(names), ", ".join(devices), args.cluster)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -648,12 +688,23 @@ def cmd_worker(args: argparse.Namespace) -> int:
         try:
             ray_cluster.ray_get([a.info.remote() for a in actors], timeout=30)
         except Exception as e:  # Ray restarts a dead actor by itself; say so and carry on
-            print(f"muralist worker: a worker is restarting ({type(e).__name__})", file=sys.stderr)
-    # Leaving: the actors go (a job still running is re-run elsewhere by the dispatcher).
-    ray_cluster.stop_workers(names)
+            log.warning("muralist worker: a worker is restarting (%s)", type(e).__name__)
+    # Leaving: a running job is interrupted and re-queued by its dispatcher (not counted as a
+    # failure), then the actors go.
+    log.info("muralist worker: leaving %s", args.cluster)
+    ray_cluster.leave_workers(names)
     if not args.no_start_node:
         subprocess.run(["ray", "stop"], capture_output=True)
     return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import report, run_checks
+
+    checks = run_checks(_dirs(args), args.database, "0.0.0.0" if args.listen else args.host, args.port, args.cluster)
+    text, code = report(checks, args.json)
+    print(text)
+    return code
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:
@@ -715,15 +766,33 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse the command line, the chosen command's options defaulting to MURALIST_* variables."""
+    from .envflags import apply_env
+
+    parser = build_parser()
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words and words[0] in ENV_COMMANDS:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        apply_env(sub.choices[words[0]])
+    return parser.parse_args(words)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     from .errors import MuralistError
+
+    try:
+        args = _parse(argv)
+    except MuralistError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
 
     handlers = {
         "generate": cmd_generate,
         "png-info": cmd_png_info,
         "serve": cmd_serve,
         "worker": cmd_worker,
+        "doctor": cmd_doctor,
         "cluster": cmd_cluster,
         "extras": cmd_extras,
         "users": cmd_users,

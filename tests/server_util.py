@@ -35,7 +35,8 @@ def copy_models(a1111_models: Path, root: Path, names: tuple[str, ...] = ("tiny-
 
 @contextmanager
 def running_server(root: Path, database: str | None = None, api_auth: dict[str, str] | None = None,
-                   workers: int = 1, allow_single_user: bool = True, **settings) -> Iterator[tuple[str, object]]:
+                   workers: int = 1, allow_single_user: bool = True, metrics_public: bool = False,
+                   **settings) -> Iterator[tuple[str, object]]:
     """An in-process server; yields (base URL, Service)."""
     import uvicorn
 
@@ -49,7 +50,7 @@ def running_server(root: Path, database: str | None = None, api_auth: dict[str, 
     store = open_store(database, root)
     # grace 0: a job still running when a test ends is re-queued at once, not waited for.
     service = Service(dirs, store, Settings(**{"workers": workers, "device": "cpu", "grace": 0.0, **settings}))
-    app = create_app(service, AuthConfig(api_auth or {}, allow_single_user=allow_single_user))
+    app = create_app(service, AuthConfig(api_auth or {}, allow_single_user=allow_single_user, metrics_public=metrics_public))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -267,3 +267,19 @@ def test_unplugged_machine_its_job_runs_elsewhere(cluster: SimpleNamespace, tmp_
             assert finished(service, again.id).worker != "spare"
     finally:
         stop_workers(["spare"])
+
+
+def test_a_leaving_worker_hands_its_job_back_without_a_failure(cluster: SimpleNamespace, tmp_path: Path) -> None:
+    """`muralist worker` on SIGTERM: its running job is re-queued (not failed) and runs elsewhere."""
+    from muralist.workers.ray_cluster import leave_workers, start_workers
+
+    start_workers(["cpu"], "leaving", str(cluster.models), max_loaded_models=1)
+    with api(cluster, tmp_path, workers=4) as service:
+        alice = user(service, "alice")
+        jobs = [service.submit(alice, "txt2img", {**SMALL, "steps": 150, "seed": i}) for i in range(4)]
+        wait_for(lambda: any(service.store.get(j.id).worker == "leaving" for j in jobs), 60, "a job on the leaving worker")
+        victim = next(j for j in jobs if service.store.get(j.id).worker == "leaving")
+        running_on(service, victim.id)
+        leave_workers(["leaving"])
+        done = finished(service, victim.id, timeout=240)
+        assert done.status is JobStatus.SUCCEEDED and done.failures == 0 and done.worker != "leaving"

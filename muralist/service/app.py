@@ -44,6 +44,7 @@ class AuthConfig:
     # False when listening on the network without --allow-anonymous: removing the last user must
     # not turn the server into an open admin.
     allow_single_user: bool = True
+    metrics_public: bool = False  # /metrics without an admin key (--metrics-public: a private scrape network)
 
     def single_user(self, service: Service) -> bool:
         """No --api-auth and no users but the implicit local one: the caller is the local admin."""
@@ -295,6 +296,8 @@ def create_app(service: Service, auth: AuthConfig | None = None, cors_origins: l
         shutil.rmtree(dataset_root(service.dirs.root, name), ignore_errors=True)
         return {"removed": name}
 
+    _install_probes(app, service, auth, admin)
+
     @app.get("/api/v1/admin/status")
     def admin_status(user: User = Depends(admin)) -> dict[str, Any]:
         running = service.store.list_jobs(None, [JobStatus.RUNNING])
@@ -413,6 +416,55 @@ def create_app(service: Service, auth: AuthConfig | None = None, cors_origins: l
     training_api.install(app, service)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def _install_probes(app: FastAPI, service: Service, auth: AuthConfig, admin: Any) -> None:
+    """Container probes and Prometheus: /livez (the process serves), /healthz (it can run jobs),
+    /metrics (admins, or anyone with --metrics-public). No secrets in any of them."""
+    from fastapi.responses import Response
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    from ..logs import redact
+
+    @app.get("/livez", include_in_schema=False)
+    async def livez() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> JSONResponse:  # sync: a hanging database blocks a pool thread, not the event loop
+        problems: list[str] = []
+        database = "ok"
+        try:
+            service.store.ping()
+        except Exception as e:
+            database = "unreachable"
+            detail = redact(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+            problems.append(f"database unreachable: {detail}")
+        workers = service.workers()
+        alive = sum(w["state"] in ("idle", "busy") for w in workers)
+        if service.stopping:
+            problems.append("the server is stopping")
+        elif not workers:
+            problems.append("no worker registered yet" + (" (start one: muralist worker --cluster ...)"
+                                                         if service.settings.cluster else ""))
+        elif not alive:
+            states = ", ".join(sorted(f"{w['name']} {w['state']}" for w in workers))
+            problems.append(f"no worker alive: {states}")
+        body: dict[str, Any] = {"status": "not ready" if problems else "ready", "database": database,
+                                "workers": alive, "version": __version__}
+        if problems:
+            body["problems"] = problems
+        return JSONResponse(body, status_code=503 if problems else 200)
+
+    def render() -> Response:
+        return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    if auth.metrics_public:
+        app.get("/metrics", include_in_schema=False)(lambda: render())
+    else:
+        @app.get("/metrics", include_in_schema=False)
+        def metrics(user: User = Depends(admin)) -> Response:
+            return render()
 
 
 def error_response(error: str, detail: str, status: int, errors: Any = None) -> JSONResponse:

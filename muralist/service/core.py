@@ -105,6 +105,9 @@ class Service:
         self.relay = EventRelay(store, self.instance, lambda ev: self.publish(ev, relay=False))
         self._counts: dict[str, int] = {}
         self._counts_at = 0.0
+        from .metrics import Metrics
+
+        self.metrics = Metrics(self)
 
     # ------------------------------------------------------------- engine (heavy imports live here)
 
@@ -166,6 +169,10 @@ class Service:
 
         cache = ModelCache(max_models=self.settings.max_loaded_models, device=device, max_bytes=self.settings.max_model_bytes)
         return Engine(self.dirs, registry=self.engine.registry, cache=cache)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
 
     def stop(self, timeout: float | None = None) -> None:
         """Graceful stop: running jobs get ``settings.grace`` seconds to finish, the rest are

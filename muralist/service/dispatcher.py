@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import MuralistError
+from ..logs import job_extra
 from ..paths import write_atomic
 from ..workers.local import WorkerLost
 from . import inputs
@@ -46,6 +47,7 @@ _CONTROL_EVERY = 0.25  # seconds between looks for cancels/skips made through ot
 _DISCOVER_EVERY = 2.0  # seconds between worker refreshes (membership, loaded models, memory)
 _ATTACH_TTL = 10.0  # a worker whose dispatcher was silent this long may be taken over
 _INFO_TIMEOUT = 5.0  # seconds a worker gets to answer a refresh
+_SAMPLING_TYPES = ("txt2img", "img2img")  # jobs whose progress steps are sampling steps (step-time metric)
 
 
 @dataclass
@@ -57,6 +59,15 @@ class Run:
     abandoned: bool = False  # the watchdog gave up on it: whatever it still sends is ignored
     skips_sent: int = 0
     stop_sent: bool = False
+    step_at: tuple[int, int, float] | None = None  # (batch, step, monotonic time) of the last progress event
+
+    def step_time(self, ev: dict[str, Any], now: float) -> tuple[float, int] | None:
+        """Seconds and number of sampling steps since the previous progress event of the same
+        batch. The first event of a batch is not timed: it includes loading and encoding."""
+        last, self.step_at = self.step_at, (ev["batch"], ev["step"], now)
+        if last is None or last[0] != ev["batch"] or ev["step"] <= last[1]:
+            return None
+        return now - last[2], ev["step"] - last[1]
 
 
 @dataclass
@@ -211,6 +222,8 @@ class Dispatcher:
 
     def _execute(self, slot: Slot, run: Run) -> None:
         job = run.job
+        log.info("job %s (%s) started on %s, attempt %d", job.id, job.type, slot.name, job.attempts,
+                 extra=job_extra(job.id, job.owner))
         self.service.publish({"type": "started", "owner": job.owner, "job_id": job.id, "worker": slot.name,
                               "steps": int(job.params.get("steps", 0) or 0), "n_iter": int(job.params.get("n_iter", 1) or 1)})
         lost = False
@@ -237,11 +250,15 @@ class Dispatcher:
                     break
                 kind = ev["type"]
                 if kind == "progress":
+                    if job.type in _SAMPLING_TYPES and (timed := run.step_time(ev, run.last_event)):
+                        self.service.metrics.observe_steps(*timed)
                     self.service.publish({**ev, "owner": job.owner, "job_id": job.id})
                 elif kind == "file":
                     self._file(run, ev)
                 elif kind in ("done", "interrupted", "error"):
                     slot.loaded = set(ev.get("loaded_models", slot.loaded))
+                    if "loads" in ev:
+                        slot.info = {**slot.info, "loads": ev["loads"]}
                     if kind == "done":
                         self._complete(run, ev)
                     elif kind == "interrupted":
@@ -258,7 +275,7 @@ class Dispatcher:
                 self._requeue(run, str(e), failure=True)
         except Exception as e:  # unknown trouble: the job is re-run rather than lost, the worker re-checked
             lost = True
-            log.error("dispatching job %s failed:\n%s", job.id, traceback.format_exc())
+            log.error("dispatching job %s failed:\n%s", job.id, traceback.format_exc(), extra=job_extra(job.id, job.owner))
             if not run.abandoned:
                 self._requeue(run, f"internal error: {type(e).__name__}: {e}", failure=True)
         finally:
@@ -296,6 +313,7 @@ class Dispatcher:
             shutil.rmtree(self._training_dir(job), ignore_errors=True)
         if now.status is JobStatus.SUCCEEDED and job.type in ("merge", "download"):
             self._refresh_models()  # the API lists the new model at once
+        log.info("job %s %s", job.id, now.status.value, extra=job_extra(job.id, job.owner))
         if now.status is JobStatus.SUCCEEDED:
             self.service.publish({"type": "finished", "owner": job.owner, "job_id": job.id, "images": result["images"],
                                   "warnings": result.get("warnings", [])})
@@ -363,6 +381,7 @@ class Dispatcher:
 
     def _failed(self, run: Run, message: str, user: bool) -> None:
         job = run.job
+        log.info("job %s failed: %s", job.id, message if user else "internal error", extra=job_extra(job.id, job.owner))
         self.service.discard(self.store.fail(job.id, message, attempt=job.attempts))
         inputs.delete_inputs(self.service.dirs.root, job.params)
         shutil.rmtree(self._training_dir(job), ignore_errors=True)
@@ -378,7 +397,7 @@ class Dispatcher:
             return
         if status is None:
             return
-        log.warning("job %s attempt %d: %s -> %s", job.id, job.attempts, reason, status)
+        log.warning("job %s attempt %d: %s -> %s", job.id, job.attempts, reason, status, extra=job_extra(job.id, job.owner))
         if status != "queued":
             inputs.delete_inputs(self.service.dirs.root, job.params)
         event = {"queued": "requeued", "failed": "failed", "canceled": "canceled"}[status]

@@ -412,6 +412,9 @@ def _check_name(name: str) -> None:
         )
 
 
+MIN_KEY_CHARS = 24  # a chosen key must be as hard to guess as a random one is long
+
+
 def _new_key() -> str:
     return "mur_" + secrets.token_urlsafe(24)  # 24 random bytes = 32 URL-safe characters
 
@@ -574,10 +577,13 @@ class Store:
 
     # ------------------------------------------------------------ users
 
-    def add_user(self, name: str, admin: bool = False) -> str:
-        """Create a user and return their new API key (only its hash is stored)."""
+    def add_user(self, name: str, admin: bool = False, key: str | None = None) -> str:
+        """Create a user and return their API key: ``key`` if given (a deployment's chosen secret),
+        else a new random one. Only its hash is stored."""
         _check_name(name)
-        key = _new_key()
+        if key is not None and len(key) < MIN_KEY_CHARS:
+            raise InvalidRequestError(f"an API key needs at least {MIN_KEY_CHARS} characters (got {len(key)})")
+        key = key or _new_key()
         try:
             with self._tx(write=True) as tx:
                 # Case-insensitive: names become folder names, and macOS/Windows folders ignore case.
@@ -1002,6 +1008,17 @@ class Store:
         with self._tx() as tx:
             rows = tx.rows("SELECT owner, COUNT(*) AS n FROM jobs WHERE status = 'queued' GROUP BY owner ORDER BY owner")
         return {r["owner"]: int(r["n"]) for r in rows}
+
+    def status_counts(self) -> dict[str, int]:
+        """Number of jobs in the store per status (statuses with none are absent)."""
+        with self._tx() as tx:
+            rows = tx.rows("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status ORDER BY status")
+        return {r["status"]: int(r["n"]) for r in rows}
+
+    def ping(self) -> None:
+        """A trivial query: raises if the database cannot answer (readiness probes)."""
+        with self._tx() as tx:
+            tx.value("SELECT 1")
 
     # ------------------------------------------------------------ images
 

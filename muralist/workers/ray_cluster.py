@@ -140,6 +140,34 @@ def start_workers(devices: list[str], name: str, data_dir: str, node_id: str | N
     return actors
 
 
+def leave_workers(names: list[str], wait: float = 15.0) -> None:
+    """Take workers out of a cluster politely (``muralist worker`` on SIGTERM): a running job is
+    interrupted, so its dispatcher re-queues it as not failed (it keeps its attempts for real
+    failures), then the actors go. A worker that does not stop in time is killed all the same."""
+    import time
+
+    ray = _ray()
+    actors = []
+    for wname in names:
+        try:
+            actors.append(ray.get_actor(actor_name(wname), namespace=NAMESPACE))
+        except ValueError:
+            pass  # already gone
+    deadline = time.monotonic() + wait
+    while actors and time.monotonic() < deadline:
+        try:
+            infos = ray.get([a.info.remote() for a in actors], timeout=5)
+        except Exception:  # not answering: nothing to wait for
+            break
+        busy = [(a, i) for a, i in zip(actors, infos, strict=True) if i["job_id"]]
+        if not busy:
+            break
+        for a, info in busy:  # again each round: a job claimed meanwhile is handed back too
+            a.interrupt.remote(info["job_id"], info["attempt"])
+        time.sleep(0.2)
+    stop_workers(names)
+
+
 def stop_workers(names: list[str]) -> None:
     ray = _ray()
     for wname in names:

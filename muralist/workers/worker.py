@@ -212,6 +212,7 @@ class Worker:
         loaded = [sha for _path, sha in self.engine.cache.loaded()]
         self.loads += len(set(loaded) - before)
         end["loaded_models"] = loaded
+        end["loads"] = self.loads  # the /metrics counter is current once the job ends, not at the next refresh
         emit(end)
 
     def _dispatch(self, job: dict[str, Any], control: Any, emit: Any, tmp: Path) -> dict[str, Any]:
