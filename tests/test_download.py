@@ -84,7 +84,8 @@ def make_handler(p: Provider, role: str) -> type[BaseHTTPRequestHandler]:
         def _record(self, status: int, **extra: Any) -> None:
             with p.lock:
                 p.log.append({"role": role, "method": self.command, "path": self.path, "status": status,
-                              "range": self.headers.get("Range"), "auth": self.headers.get("Authorization"), **extra})
+                              "range": self.headers.get("Range"), "auth": self.headers.get("Authorization"),
+                              "cookie": self.headers.get("Cookie"), **extra})
 
         def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
             self._record(status)
