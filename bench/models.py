@@ -22,7 +22,7 @@ client for the GIL. ``--reps`` interleaved runs each; prints best and median MB/
 of each side, and the ratio muralist/curl best vs best, median vs median and run by run (target
 >= 0.9). On a shared machine the spread between runs is wide: report min and median.
 
-Usage: python bench/models.py download [--size-mb 200] [--reps 3]
+Usage: python bench/models.py download [--size-mb 200] [--reps 5] [--warmup 1]
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ def _curl(url: str, out: Path) -> None:
             shutil.copyfileobj(r, f, 1 << 20)
 
 
-def bench_download(size_mb: int, reps: int) -> float:
+def bench_download(size_mb: int, reps: int, warmup: int = 1) -> float:
     from muralist.models.download import DownloadSettings, download
     from muralist.paths import DataDirs
 
@@ -203,7 +203,7 @@ def bench_download(size_mb: int, reps: int) -> float:
             verified = f"{tool}+sha256sum" if shutil.which("sha256sum") else None
             times: dict[str, list[float]] = {tool: [], "muralist": [], **({verified: []} if verified else {})}
             cpu: dict[str, list[float]] = {tool: [], "muralist": []}
-            for i in range(reps):
+            for i in range(-warmup, reps):  # i < 0: untimed warm-up of both sides (imports, first page faults)
                 out = Path(tmp) / "curl.out"
                 c0, t0 = _cpu(resource.RUSAGE_CHILDREN), time.perf_counter()
                 _curl(url, out)
@@ -220,6 +220,9 @@ def bench_download(size_mb: int, reps: int) -> float:
                                   dirs, settings)
                 times["muralist"].append(time.perf_counter() - t0)
                 cpu["muralist"].append(_cpu(resource.RUSAGE_SELF) - c0)
+                if i < 0:
+                    for v in (*times.values(), *cpu.values()):
+                        v.pop()
                 assert result["sha256"] == sha and result["size"] == size
                 (root / result["path"]).unlink()
         finally:
@@ -228,7 +231,7 @@ def bench_download(size_mb: int, reps: int) -> float:
     for k, t in times.items():
         cpu_note = f", CPU {statistics.median(cpu[k]):.3f} s median" if k in cpu else ""
         print(f"{k:>9}: best {size / min(t) / 1e6:7.1f} MB/s, median {size / statistics.median(t) / 1e6:7.1f} MB/s "
-              f"({reps} runs of {size / 1e6:.0f} MB{cpu_note})")
+              f"({reps} runs of {size / 1e6:.0f} MB after {warmup} untimed{cpu_note})")
     best = min(times[tool]) / min(times["muralist"])
     median = statistics.median(times[tool]) / statistics.median(times["muralist"])
     pairs = sorted(c / m for c, m in zip(times[tool], times["muralist"], strict=True))
@@ -267,8 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     m.set_defaults(run=cmd_merge)
     d = sub.add_parser("download", help="download throughput vs curl on a local file")
     d.add_argument("--size-mb", type=int, default=200)
-    d.add_argument("--reps", type=int, default=3)
-    d.set_defaults(run=lambda a: (bench_download(a.size_mb, a.reps), 0)[1])
+    d.add_argument("--reps", type=int, default=5)
+    d.add_argument("--warmup", type=int, default=1, help="untimed runs of each side first")
+    d.set_defaults(run=lambda a: (bench_download(a.size_mb, a.reps, a.warmup), 0)[1])
     args = parser.parse_args(argv)
     return args.run(args)
 

@@ -2,9 +2,9 @@
 
 One ``http.server`` plays Hugging Face (``/{repo}/resolve/{rev}/{file}`` answering with a redirect
 that carries ``X-Linked-Etag``/``X-Linked-Size``), ModelScope (file listing with ``Sha256``, file
-API), Civitai (version API, ``/api/download/models/{id}`` redirecting to a single-use "signed" URL)
+API, revisions), Civitai (version API, ``/api/download/models/{id}`` redirecting to a single-use "signed" URL)
 and plain URLs; a second one plays the CDN/storage host. Switches cut or pause a transfer, turn
-Range off, or corrupt a byte.
+Range off, or corrupt a byte. ``test_hub_clients`` checks these shapes with the providers' own clients.
 """
 
 from __future__ import annotations
@@ -172,6 +172,13 @@ def make_handler(p: Provider, role: str) -> type[BaseHTTPRequestHandler]:
                 if not files:
                     return self._json({"Code": 10010205001, "Message": "model not found", "Success": False}, 404)
                 return self._json({"Code": 200, "Data": {"Files": files}, "Message": "success", "Success": True})
+            if m := re.match(r"^/api/v1/models/([^/]+/[^/]+)/revisions$", path):
+                # Branches and tags; modelscope's own client checks the revision here before a snapshot.
+                revs = sorted({rev for (mid, rev, _f) in p.ms if mid == m.group(1)})
+                if not revs:
+                    return self._json({"Code": 10010205001, "Message": "model not found", "Success": False}, 404)
+                return self._json({"Code": 200, "Success": True, "Data": {"RevisionMap": {
+                    "Branches": [{"Revision": r, "CreatedAt": 1700000000} for r in revs], "Tags": []}}})
             if m := re.match(r"^/api/v1/models/([^/]+/[^/]+)/repo$", path):
                 data = p.ms.get((m.group(1), q.get("Revision", ""), q.get("FilePath", "")))
                 return self._send(404) if data is None else self._content(data)

@@ -294,7 +294,7 @@ class Remote:
     sha256: str | None = None
     size: int | None = None  # exact size, when the source publishes one
     approx_size: int | None = None  # for the disk check and progress only (Civitai's sizeKB)
-    headers: dict[str, str] = field(default_factory=dict, repr=False)  # auth for the first host only
+    headers: dict[str, str] = field(default_factory=dict, repr=False)  # auth (header, cookie) for the first host only
 
 
 def _bearer(token: str | None) -> dict[str, str]:
@@ -349,6 +349,10 @@ def _resolve_hf(ref: dict[str, Any], s: DownloadSettings, client: httpx.Client) 
 def _resolve_modelscope(ref: dict[str, Any], s: DownloadSettings, client: httpx.Client) -> Remote:
     base = f"{s.modelscope_endpoint}/api/v1/models/{quote(ref['model_id'], safe='/')}/repo"
     headers = _bearer(s.modelscope_token)
+    if s.modelscope_token:
+        # ModelScope's own client (modelscope_hub) sends the token both ways on /api/v1/: older routes
+        # read the m_session_id cookie, newer ones the bearer header.
+        headers["Cookie"] = f"m_session_id={s.modelscope_token}"
     folder = str(PurePosixPath(ref["file"]).parent)
     # The recursive listing is capped by the server; a file in a folder is looked up in that folder too.
     queries = [{"Revision": ref["revision"], "Recursive": "True"}]
@@ -622,7 +626,7 @@ class _Origin:
             a, b = urlsplit(url), urlsplit(new)
             if (a.scheme, a.hostname, a.port) != (b.scheme, b.hostname, b.port):
                 # Another host (a CDN, a signed storage URL) must not get the source's token.
-                headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+                headers = {k: v for k, v in headers.items() if k.lower() not in ("authorization", "cookie")}
             url, redirected = new, True
         raise DownloadError("too many redirects")
 
@@ -827,13 +831,11 @@ def download(params: dict[str, Any], dirs: DataDirs, settings: DownloadSettings 
 def _one(ref: dict[str, Any], p: dict[str, Any], folder: Path, dirs: DataDirs, settings: DownloadSettings,
          client: httpx.Client, label: str, progress: Callable[[DownloadProgress], None] | None,
          stopped: Callable[[], bool], cache: HashCache | None) -> dict[str, Any]:
-    first: list[Remote] = []
+    pending: list[Remote] = []
 
     def get_remote() -> Remote:
-        remote = resolve(ref, settings, client)
-        if not first:
-            first.append(remote)
-        return remote
+        # The first attempt uses the answer just resolved; every later one asks again (signed URLs expire).
+        return pending.pop() if pending else resolve(ref, settings, client)
 
     try:
         remote = get_remote()
@@ -859,6 +861,7 @@ def _one(ref: dict[str, Any], p: dict[str, Any], folder: Path, dirs: DataDirs, s
     if not remote.sha256:
         warnings.append(f"{label} publishes no sha256: only the size was checked (pass sha256 to verify)")
     part = dest.with_name(dest.name + ".part")
+    pending.append(remote)
     sha, size, resumed = transfer(get_remote, part, settings, client, label, progress, stopped)
     os.replace(part, dest)
     _meta_path(part).unlink(missing_ok=True)
