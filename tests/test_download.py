@@ -181,7 +181,10 @@ def make_handler(p: Provider, role: str) -> type[BaseHTTPRequestHandler]:
                     "Branches": [{"Revision": r, "CreatedAt": 1700000000} for r in revs], "Tags": []}}})
             if m := re.match(r"^/api/v1/models/([^/]+/[^/]+)/repo$", path):
                 data = p.ms.get((m.group(1), q.get("Revision", ""), q.get("FilePath", "")))
-                return self._send(404) if data is None else self._content(data)
+                if data is None:
+                    return self._send(404)
+                # As ModelScope does for LFS files: a redirect to its object storage.
+                return self._send(302, b"", {"Location": f"{p.storage}/cdn/{p.add_blob(data)}"})
             if m := re.match(r"^/api/v1/model-versions/(\d+)$", path):
                 vid = int(m.group(1))
                 if vid not in p.civitai:
