@@ -43,6 +43,7 @@ from muralist.paths import DataDirs
 MiB = 1 << 20
 TOKEN = "civ-SECRET-token-0123456789"
 HF_TOKEN = "hf_SECRETtoken9876543210"
+MS_TOKEN = "ms-SECRET-token-13579"
 
 
 class Provider:
@@ -383,9 +384,13 @@ def test_modelscope_listing_sha256_and_fallback(provider: Provider, tmp_path: Pa
     # The Hub (mirror) does not have it: the fallback source does.
     result = download({"source": "hf", "repo": "org/model", "file": "unet/m.safetensors", "kind": "vae",
                        "fallback": [{"source": "modelscope", "model_id": "org/model", "file": "unet/m.safetensors"}]},
-                      DataDirs.from_options(tmp_path), settings_for(provider))
+                      DataDirs.from_options(tmp_path), settings_for(provider, modelscope_token=MS_TOKEN))
     assert result["source"] == "modelscope" and result["verified"] == "sha256"
     assert (tmp_path / "models" / "VAE" / "m.safetensors").read_bytes() == data
+    # The token goes to ModelScope as its own client sends it (header and cookie), never to the storage host.
+    assert {(r["auth"], r["cookie"]) for r in provider.log if r["role"] == "main" and "/api/v1/models/" in r["path"]} \
+        == {(f"Bearer {MS_TOKEN}", f"m_session_id={MS_TOKEN}")}
+    assert {(r["auth"], r["cookie"]) for r in provider.log if r["role"] == "storage"} == {(None, None)}
     provider.corrupt = True
     with pytest.raises(ChecksumError):
         download({"source": "modelscope", "model_id": "org/model", "file": "unet/m.safetensors", "name": "again"},

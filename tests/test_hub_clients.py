@@ -18,9 +18,17 @@ import pytest
 
 from muralist.models.download import DownloadSettings, download
 from muralist.paths import DataDirs
-from tests.test_download import HF_TOKEN, MiB, Provider, blob, ckpts, provider, settings_for  # noqa: F401 - fixture
+from tests.test_download import (  # noqa: F401 - provider is a fixture
+    HF_TOKEN,
+    MS_TOKEN,
+    MiB,
+    Provider,
+    blob,
+    ckpts,
+    provider,
+    settings_for,
+)
 
-MS_TOKEN = "ms-SECRET-token-13579"
 needs_hf = pytest.mark.skipif(find_spec("huggingface_hub") is None,
                               reason="huggingface_hub is not installed (it comes with diffusers)")
 needs_ms = pytest.mark.skipif(find_spec("modelscope") is None,
