@@ -18,10 +18,11 @@ Linux only (reads /proc).
 file, sha256 computed on the way and checked, atomic move into the model folder) against ``curl``
 (or, without curl, a plain ``urllib`` read into a file) fetching the same local file from the same
 server. The server is ``python -m http.server`` in its own process, so it never competes with the
-client for the GIL. Best of ``--reps`` interleaved runs each; prints MB/s and the ratio
-muralist/curl (target >= 0.9).
+client for the GIL. ``--reps`` interleaved runs each; prints best and median MB/s, the CPU time
+of each side, and the ratio muralist/curl best vs best, median vs median and run by run (target
+>= 0.9). On a shared machine the spread between runs is wide: report min and median.
 
-Usage: python bench/models.py download [--size-mb 200] [--reps 3]
+Usage: python bench/models.py download [--size-mb 200] [--reps 5] [--warmup 1]
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ import argparse
 import hashlib
 import json
 import os
+import resource
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -174,7 +177,7 @@ def _curl(url: str, out: Path) -> None:
             shutil.copyfileobj(r, f, 1 << 20)
 
 
-def bench_download(size_mb: int, reps: int) -> float:
+def bench_download(size_mb: int, reps: int, warmup: int = 1) -> float:
     from muralist.models.download import DownloadSettings, download
     from muralist.paths import DataDirs
 
@@ -199,34 +202,53 @@ def bench_download(size_mb: int, reps: int) -> float:
             tool = "curl" if shutil.which("curl") else "urllib"
             verified = f"{tool}+sha256sum" if shutil.which("sha256sum") else None
             times: dict[str, list[float]] = {tool: [], "muralist": [], **({verified: []} if verified else {})}
-            for i in range(reps):
+            cpu: dict[str, list[float]] = {tool: [], "muralist": []}
+            for i in range(-warmup, reps):  # i < 0: untimed warm-up of both sides (imports, first page faults)
                 out = Path(tmp) / "curl.out"
-                t0 = time.perf_counter()
+                c0, t0 = _cpu(resource.RUSAGE_CHILDREN), time.perf_counter()
                 _curl(url, out)
                 times[tool].append(time.perf_counter() - t0)
+                cpu[tool].append(_cpu(resource.RUSAGE_CHILDREN) - c0)
                 assert out.stat().st_size == size
                 if verified:  # what curl needs to give the same guarantee: a second pass over the file
                     subprocess.run(["sha256sum", str(out)], check=True, stdout=subprocess.DEVNULL)
                     times[verified].append(time.perf_counter() - t0)
                 out.unlink()
-                t0 = time.perf_counter()
+                # RUSAGE_SELF: this process with the download's threads (the server is another process).
+                c0, t0 = _cpu(resource.RUSAGE_SELF), time.perf_counter()
                 result = download({"source": "url", "url": url, "sha256": sha, "name": f"bench{i}.safetensors"},
                                   dirs, settings)
                 times["muralist"].append(time.perf_counter() - t0)
+                cpu["muralist"].append(_cpu(resource.RUSAGE_SELF) - c0)
+                if i < 0:
+                    for v in (*times.values(), *cpu.values()):
+                        v.pop()
                 assert result["sha256"] == sha and result["size"] == size
                 (root / result["path"]).unlink()
         finally:
             server.terminate()
             server.wait()
-    best = {k: min(v) for k, v in times.items()}
-    for k, t in best.items():
-        print(f"{k:>9}: {size / t / 1e6:8.1f} MB/s (best of {reps}: {t:.3f} s for {size / 1e6:.0f} MB)")
-    ratio = best[tool] / best["muralist"]
-    print(f"throughput muralist/{tool}: {ratio:.2f}x (target >= 0.9; muralist also computes and checks the sha256)")
+    for k, t in times.items():
+        cpu_note = f", CPU {statistics.median(cpu[k]):.3f} s median" if k in cpu else ""
+        print(f"{k:>9}: best {size / min(t) / 1e6:7.1f} MB/s, median {size / statistics.median(t) / 1e6:7.1f} MB/s "
+              f"({reps} runs of {size / 1e6:.0f} MB after {warmup} untimed{cpu_note})")
+    best = min(times[tool]) / min(times["muralist"])
+    median = statistics.median(times[tool]) / statistics.median(times["muralist"])
+    pairs = sorted(c / m for c, m in zip(times[tool], times["muralist"], strict=True))
+    print(f"throughput muralist/{tool}: {best:.2f}x best vs best, {median:.2f}x median vs median; run by run "
+          f"min {pairs[0]:.2f}x, median {statistics.median(pairs):.2f}x (target >= 0.9; muralist also computes and "
+          f"checks the sha256)")
     if verified:
-        print(f"throughput muralist/({verified}): {best[verified] / best['muralist']:.2f}x (both verified)")
-    print(f"cpus: {os.cpu_count()} (the server process, the receiver and the sha256 each want one)")
-    return ratio
+        print(f"throughput muralist/({verified}): {min(times[verified]) / min(times['muralist']):.2f}x best vs best "
+              f"(both verified)")
+    print(f"cpus: {os.cpu_count()} (the server process, the receiver and the sha256 each want one; "
+          f"load average {os.getloadavg()[0]:.2f} at the end)")
+    return best
+
+
+def _cpu(who: int) -> float:
+    r = resource.getrusage(who)
+    return r.ru_utime + r.ru_stime
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -248,8 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     m.set_defaults(run=cmd_merge)
     d = sub.add_parser("download", help="download throughput vs curl on a local file")
     d.add_argument("--size-mb", type=int, default=200)
-    d.add_argument("--reps", type=int, default=3)
-    d.set_defaults(run=lambda a: (bench_download(a.size_mb, a.reps), 0)[1])
+    d.add_argument("--reps", type=int, default=5)
+    d.add_argument("--warmup", type=int, default=1, help="untimed runs of each side first")
+    d.set_defaults(run=lambda a: (bench_download(a.size_mb, a.reps, a.warmup), 0)[1])
     args = parser.parse_args(argv)
     return args.run(args)
 

@@ -2,9 +2,9 @@
 
 One ``http.server`` plays Hugging Face (``/{repo}/resolve/{rev}/{file}`` answering with a redirect
 that carries ``X-Linked-Etag``/``X-Linked-Size``), ModelScope (file listing with ``Sha256``, file
-API), Civitai (version API, ``/api/download/models/{id}`` redirecting to a single-use "signed" URL)
+API, revisions), Civitai (version API, ``/api/download/models/{id}`` redirecting to a single-use "signed" URL)
 and plain URLs; a second one plays the CDN/storage host. Switches cut or pause a transfer, turn
-Range off, or corrupt a byte.
+Range off, or corrupt a byte. ``test_hub_clients`` checks these shapes with the providers' own clients.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from muralist.paths import DataDirs
 MiB = 1 << 20
 TOKEN = "civ-SECRET-token-0123456789"
 HF_TOKEN = "hf_SECRETtoken9876543210"
+MS_TOKEN = "ms-SECRET-token-13579"
 
 
 class Provider:
@@ -84,7 +85,8 @@ def make_handler(p: Provider, role: str) -> type[BaseHTTPRequestHandler]:
         def _record(self, status: int, **extra: Any) -> None:
             with p.lock:
                 p.log.append({"role": role, "method": self.command, "path": self.path, "status": status,
-                              "range": self.headers.get("Range"), "auth": self.headers.get("Authorization"), **extra})
+                              "range": self.headers.get("Range"), "auth": self.headers.get("Authorization"),
+                              "cookie": self.headers.get("Cookie"), **extra})
 
         def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
             self._record(status)
@@ -171,9 +173,19 @@ def make_handler(p: Provider, role: str) -> type[BaseHTTPRequestHandler]:
                 if not files:
                     return self._json({"Code": 10010205001, "Message": "model not found", "Success": False}, 404)
                 return self._json({"Code": 200, "Data": {"Files": files}, "Message": "success", "Success": True})
+            if m := re.match(r"^/api/v1/models/([^/]+/[^/]+)/revisions$", path):
+                # Branches and tags; modelscope's own client checks the revision here before a snapshot.
+                revs = sorted({rev for (mid, rev, _f) in p.ms if mid == m.group(1)})
+                if not revs:
+                    return self._json({"Code": 10010205001, "Message": "model not found", "Success": False}, 404)
+                return self._json({"Code": 200, "Success": True, "Data": {"RevisionMap": {
+                    "Branches": [{"Revision": r, "CreatedAt": 1700000000} for r in revs], "Tags": []}}})
             if m := re.match(r"^/api/v1/models/([^/]+/[^/]+)/repo$", path):
                 data = p.ms.get((m.group(1), q.get("Revision", ""), q.get("FilePath", "")))
-                return self._send(404) if data is None else self._content(data)
+                if data is None:
+                    return self._send(404)
+                # As ModelScope does for LFS files: a redirect to its object storage.
+                return self._send(302, b"", {"Location": f"{p.storage}/cdn/{p.add_blob(data)}"})
             if m := re.match(r"^/api/v1/model-versions/(\d+)$", path):
                 vid = int(m.group(1))
                 if vid not in p.civitai:
@@ -372,9 +384,13 @@ def test_modelscope_listing_sha256_and_fallback(provider: Provider, tmp_path: Pa
     # The Hub (mirror) does not have it: the fallback source does.
     result = download({"source": "hf", "repo": "org/model", "file": "unet/m.safetensors", "kind": "vae",
                        "fallback": [{"source": "modelscope", "model_id": "org/model", "file": "unet/m.safetensors"}]},
-                      DataDirs.from_options(tmp_path), settings_for(provider))
+                      DataDirs.from_options(tmp_path), settings_for(provider, modelscope_token=MS_TOKEN))
     assert result["source"] == "modelscope" and result["verified"] == "sha256"
     assert (tmp_path / "models" / "VAE" / "m.safetensors").read_bytes() == data
+    # The token goes to ModelScope as its own client sends it (header and cookie), never to the storage host.
+    assert {(r["auth"], r["cookie"]) for r in provider.log if r["role"] == "main" and "/api/v1/models/" in r["path"]} \
+        == {(f"Bearer {MS_TOKEN}", f"m_session_id={MS_TOKEN}")}
+    assert {(r["auth"], r["cookie"]) for r in provider.log if r["role"] == "storage"} == {(None, None)}
     provider.corrupt = True
     with pytest.raises(ChecksumError):
         download({"source": "modelscope", "model_id": "org/model", "file": "unet/m.safetensors", "name": "again"},

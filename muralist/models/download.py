@@ -294,7 +294,7 @@ class Remote:
     sha256: str | None = None
     size: int | None = None  # exact size, when the source publishes one
     approx_size: int | None = None  # for the disk check and progress only (Civitai's sizeKB)
-    headers: dict[str, str] = field(default_factory=dict, repr=False)  # auth for the first host only
+    headers: dict[str, str] = field(default_factory=dict, repr=False)  # auth (header, cookie) for the first host only
 
 
 def _bearer(token: str | None) -> dict[str, str]:
@@ -349,6 +349,10 @@ def _resolve_hf(ref: dict[str, Any], s: DownloadSettings, client: httpx.Client) 
 def _resolve_modelscope(ref: dict[str, Any], s: DownloadSettings, client: httpx.Client) -> Remote:
     base = f"{s.modelscope_endpoint}/api/v1/models/{quote(ref['model_id'], safe='/')}/repo"
     headers = _bearer(s.modelscope_token)
+    if s.modelscope_token:
+        # ModelScope's own client (modelscope_hub) sends the token both ways on /api/v1/: older routes
+        # read the m_session_id cookie, newer ones the bearer header.
+        headers["Cookie"] = f"m_session_id={s.modelscope_token}"
     folder = str(PurePosixPath(ref["file"]).parent)
     # The recursive listing is capped by the server; a file in a folder is looked up in that folder too.
     queries = [{"Revision": ref["revision"], "Recursive": "True"}]
@@ -474,7 +478,7 @@ def _content_range(value: str | None) -> tuple[int | None, int | None]:
 
 def _hash_file(path: Path, h: Any, stopped: Callable[[], bool]) -> None:
     with open(path, "rb") as f:
-        while block := f.read(CHUNK * 4):
+        while block := f.read(CHUNK):
             h.update(block)
             if stopped():
                 raise DownloadCanceled()
@@ -622,7 +626,7 @@ class _Origin:
             a, b = urlsplit(url), urlsplit(new)
             if (a.scheme, a.hostname, a.port) != (b.scheme, b.hostname, b.port):
                 # Another host (a CDN, a signed storage URL) must not get the source's token.
-                headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+                headers = {k: v for k, v in headers.items() if k.lower() not in ("authorization", "cookie")}
             url, redirected = new, True
         raise DownloadError("too many redirects")
 
@@ -684,65 +688,58 @@ def _fetch(remote: Remote, part: Path, offset: int, hasher: list[Any], settings:
 
 
 class _Pipeline:
-    """Writing and sha256 in two threads of their own, fed the buffers the caller receives into:
-    socket reads, file writes and hashlib all release the GIL, so the three overlap instead of adding
-    up (sha256 alone takes about as long as curl's whole transfer). On exit everything queued is
-    written and hashed, so the part file and the hash always cover the same bytes."""
+    """The file write in the receiving thread, the sha256 in a thread of its own fed the buffers the
+    receiver filled: socket reads, file writes and hashlib all release the GIL, so the hash overlaps
+    the transfer instead of adding to it. One helper thread, not two: on a busy machine each extra
+    thread costs GIL hand-offs and context switches (bench/models.py download reports the CPU time).
+    A buffer is written before it is queued for the hash, and on exit everything queued is hashed,
+    so the part file and the hash cover the same bytes."""
 
-    def __init__(self, f: Any, h: Any, buffers: int = 8) -> None:
+    def __init__(self, f: Any, h: Any, buffers: int = 4) -> None:
         self.f, self.h = f, h
         self.free: queue.Queue[bytearray] = queue.Queue()
-        for _ in range(buffers):
-            self.free.put(bytearray(CHUNK))
+        self._unmade = buffers  # allocated on demand: a small file zero-fills one buffer, not all
         self.error: BaseException | None = None
-        self._pending: dict[int, int] = {}
-        self._lock = threading.Lock()
-        self._queues: list[queue.Queue[tuple[bytearray, int] | None]] = [queue.Queue(), queue.Queue()]
-        self._threads = [threading.Thread(target=self._run, args=(q, fn), daemon=True, name=f"muralist-download-{name}")
-                         for q, fn, name in zip(self._queues, (self._write, self._hash), ("write", "sha256"), strict=True)]
+        self._queue: queue.Queue[tuple[bytearray, int] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._hash, daemon=True, name="muralist-download-sha256")
 
-    def _write(self, view: memoryview) -> None:
-        self.f.write(view)
-
-    def _hash(self, view: memoryview) -> None:
-        self.h.update(view)
-
-    def _run(self, q: queue.Queue[tuple[bytearray, int] | None], fn: Callable[[memoryview], None]) -> None:
-        while (item := q.get()) is not None:
+    def _hash(self) -> None:
+        while (item := self._queue.get()) is not None:
             buf, n = item
             try:
                 if self.error is None:
-                    fn(memoryview(buf)[:n])
+                    self.h.update(memoryview(buf)[:n])
             except BaseException as e:  # noqa: BLE001 - handed to the receiving thread
                 self.error = e
-            with self._lock:  # the buffer is free again once both threads are done with it
-                self._pending[id(buf)] -= 1
-                if not self._pending[id(buf)]:
-                    del self._pending[id(buf)]
-                    self.free.put(buf)
+            self.free.put(buf)
 
     def put(self, buf: bytearray, n: int) -> None:
-        with self._lock:
-            self._pending[id(buf)] = 2
-        for q in self._queues:
-            q.put((buf, n))
+        view = memoryview(buf)[:n]
+        while view:  # an unbuffered write may be short (a signal, a nearly full disk)
+            view = view[self.f.write(view):]
+        self._queue.put((buf, n))
 
     def take(self) -> bytearray:
-        buf = self.free.get()
+        if self.error is not None:
+            raise self.error
+        try:
+            return self.free.get_nowait()
+        except queue.Empty:
+            if self._unmade:
+                self._unmade -= 1
+                return bytearray(CHUNK)
+        buf = self.free.get()  # the hash is behind: wait for it (bounded memory)
         if self.error is not None:
             raise self.error
         return buf
 
     def __enter__(self) -> _Pipeline:
-        for t in self._threads:
-            t.start()
+        self._thread.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        for q in self._queues:
-            q.put(None)
-        for t in self._threads:
-            t.join()
+        self._queue.put(None)
+        self._thread.join()
         if self.error is not None and exc[0] is None:
             raise self.error
 
@@ -834,13 +831,11 @@ def download(params: dict[str, Any], dirs: DataDirs, settings: DownloadSettings 
 def _one(ref: dict[str, Any], p: dict[str, Any], folder: Path, dirs: DataDirs, settings: DownloadSettings,
          client: httpx.Client, label: str, progress: Callable[[DownloadProgress], None] | None,
          stopped: Callable[[], bool], cache: HashCache | None) -> dict[str, Any]:
-    first: list[Remote] = []
+    pending: list[Remote] = []
 
     def get_remote() -> Remote:
-        remote = resolve(ref, settings, client)
-        if not first:
-            first.append(remote)
-        return remote
+        # The first attempt uses the answer just resolved; every later one asks again (signed URLs expire).
+        return pending.pop() if pending else resolve(ref, settings, client)
 
     try:
         remote = get_remote()
@@ -866,6 +861,7 @@ def _one(ref: dict[str, Any], p: dict[str, Any], folder: Path, dirs: DataDirs, s
     if not remote.sha256:
         warnings.append(f"{label} publishes no sha256: only the size was checked (pass sha256 to verify)")
     part = dest.with_name(dest.name + ".part")
+    pending.append(remote)
     sha, size, resumed = transfer(get_remote, part, settings, client, label, progress, stopped)
     os.replace(part, dest)
     _meta_path(part).unlink(missing_ok=True)
