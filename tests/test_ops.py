@@ -159,6 +159,32 @@ def test_healthz_is_ready_with_a_live_worker_and_says_why_not_otherwise(a1111_mo
         assert r.json()["status"] == "ready" and r.json()["workers"] == 1 and "problems" not in r.json()
 
 
+@pytest.mark.skipif(not os.environ.get("MURALIST_TEST_POSTGRES"), reason="set MURALIST_TEST_POSTGRES to run")
+def test_healthz_names_a_database_that_went_away(a1111_models: Path, tmp_path: Path) -> None:
+    import uuid
+
+    import psycopg
+
+    base = os.environ["MURALIST_TEST_POSTGRES"]
+    name = f"muralist_ops_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(base, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    url = base.rsplit("/", 1)[0] + "/" + name
+    root = copy_models(a1111_models, tmp_path / "data")
+    try:
+        with running_server(root, database=url, workers=0) as (server, _service):
+            assert httpx.get(server + "/healthz").json()["database"] == "ok"
+            with psycopg.connect(base, autocommit=True) as conn:
+                conn.execute(f"DROP DATABASE {name} WITH (FORCE)")  # the database is gone under the server
+            r = httpx.get(server + "/healthz", timeout=30)
+            assert r.status_code == 503 and r.json()["database"] == "unreachable"
+            assert any(p.startswith("database unreachable") for p in r.json()["problems"])
+            assert httpx.get(server + "/livez").status_code == 200  # alive, just not ready
+    finally:
+        with psycopg.connect(base, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
 def _metrics(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for fam in text_string_to_metric_families(text) for s in fam.samples}

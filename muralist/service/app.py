@@ -35,6 +35,7 @@ from .core import Service
 from .store import Job, JobStatus, LimitError, User
 
 LOCAL_USER = "local"
+DB_PROBE_TIMEOUT = 3.0  # seconds /healthz waits for the database
 MAX_OFFSET = 2**31 - 1  # larger offsets overflow the databases' integers (and list nothing anyway)
 
 
@@ -421,10 +422,17 @@ def create_app(service: Service, auth: AuthConfig | None = None, cors_origins: l
 def _install_probes(app: FastAPI, service: Service, auth: AuthConfig, admin: Any) -> None:
     """Container probes and Prometheus: /livez (the process serves), /healthz (it can run jobs),
     /metrics (admins, or anyone with --metrics-public). No secrets in any of them."""
+    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import TimeoutError as FutureTimeout
+
     from fastapi.responses import Response
     from prometheus_client import CONTENT_TYPE_LATEST
 
     from ..logs import redact
+
+    # A database that hangs (a dead host, a pool waiting to reconnect) must not hold a probe for the
+    # pool's 15 s: the answer is "not ready" after DB_PROBE_TIMEOUT, while the query goes on here.
+    pinger = ThreadPoolExecutor(max_workers=2, thread_name_prefix="muralist-healthz")
 
     @app.get("/livez", include_in_schema=False)
     async def livez() -> dict[str, str]:
@@ -435,7 +443,10 @@ def _install_probes(app: FastAPI, service: Service, auth: AuthConfig, admin: Any
         problems: list[str] = []
         database = "ok"
         try:
-            service.store.ping()
+            pinger.submit(service.store.ping).result(timeout=DB_PROBE_TIMEOUT)
+        except FutureTimeout:
+            database = "unreachable"
+            problems.append(f"database unreachable: no answer within {DB_PROBE_TIMEOUT:g} s")
         except Exception as e:
             database = "unreachable"
             detail = redact(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
