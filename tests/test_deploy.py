@@ -28,7 +28,7 @@ def _validator() -> Any:
     try:
         import kubernetes_validate
     except ImportError:
-        pytest.skip("kubernetes-validate is not installed (pip install kubernetes-validate: offline schemas, 22 MB)")
+        pytest.skip("kubernetes-validate is not installed (it is in the test extra: pip install -e '.[test]')")
     return kubernetes_validate
 
 
