@@ -220,7 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     ur.add_argument("name")
     uk = usub.add_parser("reset-key", help="replace a user's API key; prints the new key")
     uk.add_argument("name")
-    for p in (ua, ul, ur, uk):
+    um = usub.add_parser("limits", help="show or change a user's limits, e.g. max_downloads=1 (lets them download models)")
+    um.add_argument("name")
+    um.add_argument("changes", nargs="*", metavar="LIMIT=N", help="a whole number, or 'default' to drop the override")
+    for p in (ua, ul, ur, uk, um):
         p.add_argument("--database", default=None)
         _add_dirs(p)
 
@@ -533,6 +536,8 @@ def cmd_users(args: argparse.Namespace) -> int:
             if store.get_user(args.name) is None:
                 raise NotFoundError(f"no user {args.name!r}")
             print(store.reset_key(args.name))
+        elif args.users_command == "limits":
+            _user_limits(store, args.name, args.changes)
         elif args.users_command == "remove":
             if not store.remove_user(args.name):
                 raise NotFoundError(f"no user {args.name!r}")
@@ -543,6 +548,31 @@ def cmd_users(args: argparse.Namespace) -> int:
     finally:
         store.close()
     return 0
+
+
+def _user_limits(store: Any, name: str, changes: list[str]) -> None:
+    from .errors import InvalidRequestError, NotFoundError
+    from .service.core import Limits
+
+    update: dict[str, Any] = {}
+    for change in changes:
+        key, sep, value = change.partition("=")
+        if not sep or not value.strip():
+            raise InvalidRequestError(f"{change!r}: write LIMIT=N (e.g. max_downloads=1) or LIMIT=default")
+        value = value.strip()
+        if value == "default":
+            update[key] = None
+        elif value.isdigit():
+            update[key] = int(value)
+        else:
+            raise InvalidRequestError(f"{change!r}: the value must be a whole number ≥ 0 or 'default'")
+    if update:
+        store.set_user_limits(name, Limits.check_overrides(update))
+    user = store.get_user(name)
+    if user is None:
+        raise NotFoundError(f"no user {name!r}")
+    for key, value in Limits().merged(user.limits).__dict__.items():
+        print(f"{key}={value}{'  (set for this user)' if key in user.limits else ''}")
 
 
 def _devices(spec: str | None, device: str | None = None) -> list[str]:

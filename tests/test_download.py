@@ -554,3 +554,54 @@ def test_download_job_end_to_end(provider: Provider, tmp_path: Path, a1111_model
         everything = json.dumps([view, failed, denied, client.get("/api/v1/jobs").json()])
         assert TOKEN not in everything and TOKEN not in caplog.text
     assert os.path.exists(out)
+
+
+def test_admin_lets_a_user_download(provider: Provider, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Downloads are admins' by default; an admin's max_downloads limit lets one user download
+    (that many at once), and taking it back stops them again. Merging stays with admins."""
+    from muralist.cli import main
+    from tests.server_util import running_server, wait_job
+
+    data = blob(2 * MiB, seed=11)
+    provider.plain["shared.safetensors"] = data
+    params = {"source": "url", "url": f"{provider.main}/files/shared.safetensors", "kind": "lora",
+              "name": "shared.safetensors", "sha256": hashlib.sha256(data).hexdigest()}
+    root = tmp_path / "data"
+    with running_server(root, downloads=settings_for(provider), allow_single_user=False) as (url, service):
+        admin_key = service.store.add_user("root", admin=True)
+        alice_key = service.store.add_user("alice")
+        admin = httpx.Client(base_url=url, timeout=30, headers={"Authorization": f"Bearer {admin_key}"})
+        alice = httpx.Client(base_url=url, timeout=30, headers={"Authorization": f"Bearer {alice_key}"})
+        with admin, alice:
+            refused = alice.post("/api/v1/jobs", json={"type": "download", "params": params})
+            assert refused.status_code == 403 and "max_downloads" in refused.text
+            assert alice.put("/api/v1/admin/users/alice/limits", json={"max_downloads": 1}).status_code == 403
+            for bad in ({"max_downloads": -1}, {"max_download": 1}, {"max_downloads": "many"}, {}):
+                r = admin.put("/api/v1/admin/users/alice/limits", json=bad)
+                assert r.status_code == 422, (bad, r.text)
+            allowed = admin.put("/api/v1/admin/users/alice/limits", json={"max_downloads": 1})
+            assert allowed.status_code == 200 and allowed.json()["limits"]["max_downloads"] == 1
+            assert alice.get("/api/v1/me").json()["limits"]["max_downloads"] == 1
+
+            provider.pause_after = MiB
+            provider.release.clear()
+            first = alice.post("/api/v1/jobs", json={"type": "download", "params": params})
+            assert first.status_code == 202, first.text
+            second = alice.post("/api/v1/jobs", json={"type": "download", "params": {**params, "name": "again.safetensors"}})
+            assert second.status_code == 429 and "max_downloads" in second.text
+            provider.release.set()
+            assert wait_job(alice, first.json()["id"])["status"] == "succeeded"
+            assert (root / "models" / "Lora" / "shared.safetensors").read_bytes() == data
+            merge = alice.post("/api/v1/jobs", json={"type": "merge", "params": {"primary": "x", "secondary": "y"}})
+            assert merge.status_code == 403
+
+            assert admin.put("/api/v1/admin/users/alice/limits", json={"max_downloads": None}).status_code == 200
+            assert alice.post("/api/v1/jobs", json={"type": "download", "params": params}).status_code == 403
+            listed = {u["name"]: u for u in admin.get("/api/v1/admin/users").json()["users"]}
+            assert listed["alice"]["limits"] == {}
+
+    # The same switch from the command line, on the server's database.
+    assert main(["users", "limits", "alice", "max_downloads=2", "--data-dir", str(root)]) == 0
+    assert "max_downloads=2  (set for this user)" in capsys.readouterr().out
+    assert main(["users", "limits", "alice", "max_downloads=lots", "--data-dir", str(root)]) == 2
+    assert "whole number" in capsys.readouterr().err

@@ -229,6 +229,14 @@ def test_get_models_panel_only_for_admins_and_merge_from_it(site, browser) -> No
     bob.click("[data-tab=models]")
     bob.wait_for_selector("#cards-checkpoint .card")
     assert bob.locator("#get-models").is_hidden()
+    # A user an admin allowed to download sees the download form, and not the admin's merger.
+    trusted = service.store.add_user("cards-trusted")
+    service.store.set_user_limits("cards-trusted", {"max_downloads": 1})
+    carol = signed_in(browser, url, trusted)
+    carol.click("[data-tab=models]")
+    carol.wait_for_selector("#dl-form", state="visible")
+    assert carol.locator("#merge-form").is_hidden() and carol.locator("#info-all").is_hidden()
+    carol.context.close()
 
     page = signed_in(browser, url, service.store.add_user("cards-admin", admin=True))
     page.click("[data-tab=models]")

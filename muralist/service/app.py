@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..errors import ForbiddenError, InvalidRequestError, MuralistError, NotFoundError
 from ..infotext import IMAGE_TYPES
-from .core import Service
+from .core import Limits, Service
 from .store import Job, JobStatus, LimitError, User
 
 LOCAL_USER = "local"
@@ -273,7 +273,17 @@ def create_app(service: Service, auth: AuthConfig | None = None, cors_origins: l
     @app.get("/api/v1/admin/users")
     def admin_users(user: User = Depends(admin)) -> dict[str, Any]:
         return {"users": [{"name": u.name, "admin": u.admin, "has_key": u.has_key, "created_at": u.created_at,
-                           "queued": service.store.queue_counts().get(u.name, 0)} for u in service.store.list_users()]}
+                           "queued": service.store.queue_counts().get(u.name, 0), "limits": u.limits}
+                          for u in service.store.list_users()]}
+
+    @app.put("/api/v1/admin/users/{name}/limits")
+    def admin_set_limits(name: str, body: dict[str, Any], user: User = Depends(admin)) -> dict[str, Any]:
+        """Change one user's limits (e.g. ``{"max_downloads": 1}`` lets them download models);
+        ``null`` restores the server's default."""
+        service.store.set_user_limits(name, Limits.check_overrides(body))
+        changed = service.store.get_user(name)
+        assert changed is not None  # set_user_limits raised NotFoundError otherwise
+        return {"name": name, "overrides": changed.limits, "limits": service.settings.limits.merged(changed.limits).__dict__}
 
     @app.post("/api/v1/admin/users", status_code=201)
     def admin_add_user(body: NewUser, user: User = Depends(admin)) -> dict[str, Any]:

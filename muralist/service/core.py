@@ -44,6 +44,23 @@ class Limits:
     max_train_steps: int = 20000  # optimizer steps of one training job
     max_trainings: int = 1  # training jobs queued or running at once
     max_dataset_bytes: int = 2 * 2**30  # one dataset, unpacked
+    # Download jobs queued or running at once. 0: only admins download (a download writes multi-GB
+    # files into folders every user's jobs load from); an admin raises it for trusted users.
+    max_downloads: int = 0
+
+    @classmethod
+    def check_overrides(cls, update: dict[str, Any]) -> dict[str, int | None]:
+        """An admin's change to one user's limits: known names, whole numbers ≥ 0 (None: back to the default)."""
+        if not isinstance(update, dict) or not update:
+            raise InvalidRequestError(f"give limits as an object, e.g. {{\"max_queued\": 10}}; limits: {', '.join(cls.__dataclass_fields__)}")
+        out: dict[str, int | None] = {}
+        for k, v in update.items():
+            if k not in cls.__dataclass_fields__:
+                raise InvalidRequestError(f"unknown limit {k!r}; limits: {', '.join(cls.__dataclass_fields__)}")
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise InvalidRequestError(f"limit {k}: {v!r} is not a whole number ≥ 0 (null restores the default)")
+            out[k] = v
+        return out
 
     def merged(self, overrides: dict[str, Any]) -> Limits:
         known = {k: int(v) for k, v in overrides.items() if k in self.__dataclass_fields__}
@@ -250,14 +267,23 @@ class Service:
         req = req.model_copy(update={"model": info.title})
         return req, info.sha256
 
+    def _check_download_allowed(self, user: User) -> None:
+        limits = self.settings.limits.merged(user.limits)
+        if limits.max_downloads <= 0:
+            raise ForbiddenError("download: only admins, or users an admin allows "
+                                 f"(muralist users limits {user.name} max_downloads=1)")
+        active = self.store.list_jobs(user.name, [JobStatus.QUEUED, JobStatus.RUNNING])
+        if sum(j.type == "download" for j in active) >= limits.max_downloads:
+            raise LimitError(f"you already have {limits.max_downloads} download job(s) queued or running (max_downloads)")
+
     def submit(self, user: User, job_type: str, params: dict[str, Any], priority: int = 0, job_id: str | None = None) -> Job:
         if job_type == "download":
             from ..models.download import parse_params
 
-            # Admins only: a download writes multi-GB files into folders every user's jobs load from.
+            stored = parse_params(params)
             if not user.admin:
-                raise ForbiddenError("download: only admins can download models")
-            return self._enqueue(user, job_type, parse_params(params), priority, job_id)
+                self._check_download_allowed(user)
+            return self._enqueue(user, job_type, stored, priority, job_id)
         if job_type == "model_info":
             from ..models.cards import parse_params as parse_info
             from ..models.cards import targets

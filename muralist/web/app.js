@@ -87,8 +87,11 @@ async function fillChoices(me) {
   const styles = await api("/api/v1/styles");
   fill($("styles"), styles.styles.map((st) => st.name), null);
   $("admin-tab").hidden = !(me && me.admin);
-  $("get-models").hidden = !(me && me.admin);
-  if (me && me.admin) await fillGetModels();
+  // Downloads: admins, and users an admin allowed (max_downloads); merging and cards: admins.
+  const admin = Boolean(me && me.admin);
+  $("get-models").hidden = !(admin || (me && me.limits && me.limits.max_downloads > 0));
+  $("get-admin").hidden = !admin;
+  if (admin) await fillGetModels();
 }
 
 let tokenTimer = null;
