@@ -3,6 +3,8 @@
 #   serve [flags]   the API + web UI; muralist reads every MURALIST_* variable itself (flags win)
 #   worker [flags]  offer this container's devices to the cluster at MURALIST_CLUSTER
 #   head            the Ray head (token auth, port MURALIST_RAY_PORT, default 6380)
+#   healthcheck     the image's HEALTHCHECK: /healthz for the API; worker and head containers
+#                   are healthy while they run (the API's /healthz says whether workers joined)
 #   anything else   run as a command (muralist users add ..., bash, ...)
 set -eu
 
@@ -31,6 +33,13 @@ need_token() {
 role="${1:-serve}"
 [ $# -gt 0 ] && shift
 case "$role" in
+serve | worker | head) echo "$role" >/tmp/muralist-role ;;
+esac
+case "$role" in
+healthcheck)
+    [ "$(cat /tmp/muralist-role 2>/dev/null)" = serve ] || exit 0
+    exec python3 -c "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('MURALIST_PORT', '7860'), timeout=4)"
+    ;;
 serve)
     demo_models
     if [ -n "${MURALIST_CLUSTER:-}" ]; then
@@ -48,7 +57,10 @@ worker)
     ;;
 head)
     need_token
-    muralist cluster start-head --port "${MURALIST_RAY_PORT:-6380}" --node-ip-address "$(hostname -i | cut -d' ' -f1)" >/dev/null
+    # MURALIST_NODE_IP: the address other machines reach this one at (on the host's network the
+    # host name may resolve to a loopback address).
+    muralist cluster start-head --port "${MURALIST_RAY_PORT:-6380}" \
+        --node-ip-address "${MURALIST_NODE_IP:-$(hostname -i | cut -d' ' -f1)}" >/dev/null
     echo "muralist: Ray head listening on port ${MURALIST_RAY_PORT:-6380}" >&2
     # Stay in the foreground until docker stop, then take the Ray processes down cleanly.
     trap 'ray stop >/dev/null 2>&1; exit 0' TERM INT

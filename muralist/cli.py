@@ -638,7 +638,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise
     keyed = any(u.name != "local" for u in store.list_users())
     dirs = _dirs(args)
-    dirs.ensure()
+    for warning in dirs.ensure():
+        logging.getLogger("muralist").warning(warning)
     # One in-process worker per device (several on one device share its model manager). With
     # --cluster the workers are Ray actors on the cluster's machines; local ones only if asked for.
     devices = _devices(args.devices, args.device)

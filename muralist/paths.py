@@ -7,6 +7,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import MuralistError
+
 
 def write_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` (parents created) under a temporary name, then rename it, so a
@@ -72,7 +74,24 @@ class DataDirs:
         """muralist's own files (hash cache, built tokenizer files)."""
         return self.root / "cache"
 
-    def ensure(self) -> None:
-        """Create the folders a fresh install needs (model folders of an existing install are left alone)."""
-        for p in (self.ckpt_dir, self.vae_dir, self.lora_dir, self.embeddings_dir, self.outputs_dir, self.cache_dir):
-            p.mkdir(parents=True, exist_ok=True)
+    def ensure(self) -> list[str]:
+        """Create the folders a fresh install needs; returns warnings for model folders that cannot be.
+
+        Model folders may live on a read-only mount (an A1111 ``models/`` folder mounted read-only in a
+        container): a missing one there only means none of that kind. muralist's own folders
+        (outputs, cache) must be writable.
+        """
+        warnings = []
+        for p in (self.ckpt_dir, self.vae_dir, self.lora_dir, self.embeddings_dir):
+            try:
+                p.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                warnings.append(f"{p} is missing and cannot be created ({e.strerror or e}); "
+                                "models of that kind are not available until it exists")
+        for p in (self.outputs_dir, self.cache_dir):
+            try:
+                p.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise MuralistError(f"cannot create {p} ({e.strerror or e}): the data folder must be writable "
+                                    "(use --data-dir for a writable one and --ckpt-dir etc. for read-only model folders)") from None
+        return warnings

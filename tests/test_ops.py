@@ -140,6 +140,30 @@ def test_a_network_server_without_users_creates_an_admin_and_shows_its_key_once(
     assert "mur_" not in "".join(lines) and "first start" not in "".join(lines)
 
 
+def test_a_model_folder_that_cannot_be_created_is_a_warning_not_a_crash(a1111_models: Path, tmp_path: Path) -> None:
+    # As with an A1111 models/ folder mounted read-only in a container without a Lora/ folder:
+    # the server starts, says which folder is missing, and serves the checkpoints it has.
+    root = copy_models(a1111_models, tmp_path / "data")
+    (root / "models" / "Lora").write_text("not a folder")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc, lines = _serve(root, port, "--workers", "0")
+    try:
+        _wait(url, proc)
+        names = [m["model_name"] for m in httpx.get(url + "/sdapi/v1/sd-models").json()]
+        assert "tiny-sd15" in names
+    finally:
+        _stop(proc)
+    text = "".join(lines)
+    assert "Lora is missing and cannot be created" in text and "Traceback" not in text
+    # muralist's own folders must be writable: one line saying so, no traceback.
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro" / "outputs").write_text("not a folder")
+    done = subprocess.run([sys.executable, "-m", "muralist.cli", "serve", "--data-dir", str(tmp_path / "ro"),
+                           "--port", str(port)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "the data folder must be writable" in done.stderr and "Traceback" not in done.stderr
+
+
 # ---------------------------------------------------------------- probes and metrics
 
 
