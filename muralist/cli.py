@@ -459,14 +459,11 @@ def cmd_models_info(args: argparse.Namespace) -> int:
     """Model cards in this process (no server needed), as the ``model_info`` job writes them."""
     from .engine.engine import Engine
     from .models.cards import fetch_cards, parse_params, targets
-    from .models.hashing import sha256_file
 
     params = parse_params({"all": True, "refresh": args.refresh} if args.all
                           else {"kind": args.kind, "name": args.name, "refresh": args.refresh})
     engine = Engine(_dirs(args), device="cpu")
-    cache = engine.registry.cache
-    result = fetch_cards(targets(engine, params), _download_settings(args),
-                         lambda p: cache.get(p, "sha256", lambda: sha256_file(p)),
+    result = fetch_cards(targets(engine, params), _download_settings(args), engine.registry.cache.sha256,
                          refresh=params["refresh"], skip_existing=bool(params.get("all")))
     for m in result["models"]:
         detail = m.get("message") or ", ".join(str(m[k]) for k in ("civitai_model", "base_model") if m.get(k))
@@ -627,10 +624,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         basic[name.strip()] = password
     store = _store(args)
     host = "0.0.0.0" if args.listen else args.host
+    local_only = host in ("127.0.0.1", "localhost", "::1")
     # On the network without --api-auth or --allow-anonymous, a store without users gets a first
     # admin (its key printed once) rather than a refusal: a fresh container comes up usable and closed.
     try:
-        needs_auth = host not in ("127.0.0.1", "localhost", "::1") and not basic and not args.allow_anonymous
+        needs_auth = not local_only and not basic and not args.allow_anonymous
         if first_key := bootstrap_admin(store, needs_auth):
             _show_first_key(first_key)
     except MuralistError:
@@ -667,7 +665,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         connect(args.cluster)
     service = Service(dirs, store, settings)
     origins = [o.strip() for o in args.cors_allow_origins.split(",")] if args.cors_allow_origins else None
-    local_only = host in ("127.0.0.1", "localhost", "::1")
     app = create_app(service, AuthConfig(basic, allow_single_user=local_only or args.allow_anonymous,
                                          metrics_public=args.metrics_public), origins)
     _check_port(host, args.port)  # before saying "listening": a taken port is the likeliest start-up error

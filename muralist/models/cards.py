@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 from ..errors import InvalidRequestError, MuralistError, NotFoundError
 from ..paths import write_atomic
-from .download import KINDS, MODEL_EXTS, DownloadSettings, _bearer, kind_dirs, ssl_context
+from .download import KINDS, MODEL_EXTS, DownloadSettings, _bearer, http_client, kind_dirs
 
 if TYPE_CHECKING:
     import httpx
@@ -291,12 +291,9 @@ def fetch_cards(items: list[tuple[str, str, Path]], settings: DownloadSettings, 
     With one item, any other error fails the job; with several, it is recorded and the rest go on.
     Raises ``CardsCanceled`` when ``stopped()``.
     """
-    import httpx
-
     own = client is None
     if client is None:
-        client = httpx.Client(timeout=httpx.Timeout(settings.timeout, connect=min(30.0, settings.timeout)),
-                              verify=ssl_context(), headers={"User-Agent": "muralist"})
+        client = http_client(settings, {"User-Agent": "muralist"})
     models: list[dict[str, Any]] = []
     warnings: list[str] = []
     try:

@@ -582,6 +582,15 @@ def ssl_context() -> ssl.SSLContext:
     return _SSL
 
 
+def http_client(settings: DownloadSettings, headers: dict[str, str] | None = None) -> httpx.Client:
+    """The HTTP client of downloads and model cards: the settings' timeout (connecting within 30 s at
+    most) and the shared verifying SSL context."""
+    import httpx
+
+    return httpx.Client(timeout=httpx.Timeout(settings.timeout, connect=min(30.0, settings.timeout)),
+                        verify=ssl_context(), headers=headers)
+
+
 class _Origin:
     """Connections for the byte transfer: ``http.client`` (``readinto`` into reused buffers, about 2.5x
     httpx's streaming rate), redirects followed by hand so ``Authorization`` never reaches another host,
@@ -802,16 +811,13 @@ def download(params: dict[str, Any], dirs: DataDirs, settings: DownloadSettings 
     Sources are tried in order (the reference, then ``fallback``); each resumes the same ``.part`` file
     when the content it publishes is the same. ``cache`` (the registry's hash cache) gets the sha256.
     """
-    import httpx
-
     settings = settings or DownloadSettings.from_env()
     p = parse_params(params)
     folder = kind_dirs(dirs)[p["kind"]]
     folder.mkdir(parents=True, exist_ok=True)
     own = client is None
     if client is None:
-        client = httpx.Client(timeout=httpx.Timeout(settings.timeout, connect=min(30.0, settings.timeout)),
-                              verify=ssl_context())
+        client = http_client(settings)
     errors: list[str] = []
     try:
         for ref in [{k: v for k, v in p.items() if k in _REF_KEYS}, *p["fallback"]]:
@@ -852,7 +858,7 @@ def _one(ref: dict[str, Any], p: dict[str, Any], folder: Path, dirs: DataDirs, s
     if dest.exists():
         from .hashing import sha256_file
 
-        have = cache.get(dest, "sha256", lambda: sha256_file(dest)) if cache else sha256_file(dest)
+        have = cache.sha256(dest) if cache else sha256_file(dest)
         if remote.sha256 and have == remote.sha256:
             return {"file": name, "kind": p["kind"], "path": _relative(dest, dirs.root), "sha256": have,
                     "size": dest.stat().st_size, "source": ref["source"], "resumed_from": 0,

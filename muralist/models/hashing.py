@@ -132,6 +132,10 @@ class HashCache:
         self._store(path, after, field, value)
         return value
 
+    def sha256(self, path: str | os.PathLike[str]) -> str:
+        """The file's sha256 (A1111's full hash), hashed once per file version."""
+        return self.get(path, "sha256", lambda: sha256_file(path))
+
     def _store(self, path: str | os.PathLike[str], st: os.stat_result, field: str, value: Any) -> None:
         with self._lock:
             data = self._load()

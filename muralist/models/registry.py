@@ -261,7 +261,7 @@ class ModelRegistry:
         vaes: list[VaeInfo] = []
         for name, path in vae_paths.items():
             try:
-                sha = self.cache.get(path, "sha256", lambda p=path: hashing.sha256_file(p))
+                sha = self.cache.sha256(path)
             except OSError as exc:
                 skipped.append((path, f"cannot read {path}: {exc.strerror or exc}"))
                 continue
@@ -286,7 +286,7 @@ class ModelRegistry:
         return {str(k): v for k, v in data.items() if isinstance(v, dict)}
 
     def _hashes(self, path: Path) -> tuple[str, str]:
-        sha = self.cache.get(path, "sha256", lambda: hashing.sha256_file(path))
+        sha = self.cache.sha256(path)
         legacy = self.cache.get(path, "legacy", lambda: hashing.legacy_hash(path))
         return sha, legacy
 

@@ -150,7 +150,7 @@ class LoraRegistry:
             short = self.cache.get(path, "addnet", lambda: hashing.addnet_hash_safetensors(path))
         else:
             meta = {}
-            short = self.cache.get(path, "sha256", lambda: hashing.sha256_file(path))[:12]
+            short = self.cache.sha256(path)[:12]
         alias = meta.get("ss_output_name") or path.stem
         return LoraInfo(name=path.stem, path=path, alias=alias, shorthash=short, metadata=meta)
 

@@ -341,7 +341,7 @@ class EmbeddingRegistry:
         return result, (st.st_size, st.st_mtime_ns) == stamp
 
     def _sha256(self, path: Path) -> str:
-        return self.cache.get(path, "sha256", lambda: sha256_file(path))
+        return self.cache.sha256(path)
 
 
 def _check_widths(widths: Mapping[str, int]) -> None:

@@ -389,11 +389,9 @@ class Worker:
         """Model cards from Civitai for one model or all of them (``model_info`` job)."""
         from ..models.cards import CardsCanceled, fetch_cards, targets
         from ..models.download import DownloadSettings
-        from ..models.hashing import sha256_file
 
         params, eng = job["params"], self.engine
         items = targets(eng, params)
-        cache = eng.registry.cache
 
         def progress(done: int, total: int) -> None:
             emit({"type": "progress", "step": done, "steps": total, "batch": 0, "n_iter": 1,
@@ -401,7 +399,7 @@ class Worker:
 
         try:
             result = fetch_cards(items, DownloadSettings.from_payload(job.get("download_settings")),
-                                 lambda p: cache.get(p, "sha256", lambda: sha256_file(p)),
+                                 eng.registry.cache.sha256,
                                  refresh=params.get("refresh", False), skip_existing=bool(params.get("all")),
                                  progress=progress, stopped=control.interrupted.is_set)
         except CardsCanceled:
