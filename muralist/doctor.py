@@ -110,14 +110,14 @@ def check_data(dirs: DataDirs) -> Check:
 
 
 def check_database(url: str | None, dirs: DataDirs) -> Check:
-    if url is None or url.startswith("sqlite:"):
-        if url is None:
-            path = dirs.root / "muralist.db"
-        else:
-            rest = url[len("sqlite:"):]
-            if not rest.startswith("///") or not rest.strip("/"):
-                return Check("database", FAIL, f"bad SQLite URL {url!r}: write sqlite:///absolute/path/muralist.db")
-            path = Path("/" + rest.lstrip("/"))
+    from .errors import MuralistError
+    from .service.store import sqlite_path
+
+    try:
+        path = sqlite_path(url, dirs.root)
+    except MuralistError as e:
+        return Check("database", FAIL, str(e))
+    if path is not None:
         problem = _writable_folder(path.parent, "the database folder", "--database (MURALIST_DATABASE)")
         if problem:
             return Check("database", FAIL, problem)
@@ -129,6 +129,7 @@ def check_database(url: str | None, dirs: DataDirs) -> Check:
                 return Check("database", FAIL, f"SQLite file {path} does not open ({e}): move it away or fix it")
             return Check("database", OK, f"SQLite {path}")
         return Check("database", OK, f"SQLite {path} (will be created)")
+    assert url is not None
     if url.startswith(("postgresql://", "postgres://")):
         try:
             import psycopg
@@ -149,6 +150,7 @@ def _count(folder: Path, exts: tuple[str, ...]) -> int:
 
 def check_models(dirs: DataDirs) -> Check:
     from .models.registry import CHECKPOINT_EXTS, VAE_EXTS
+    from .networks.lora import LORA_EXTS
 
     ckpt = dirs.ckpt_dir
     if ckpt.exists() and not ckpt.is_dir():
@@ -159,7 +161,7 @@ def check_models(dirs: DataDirs) -> Check:
     try:
         checkpoints = _count(ckpt, CHECKPOINT_EXTS) + sum(1 for _ in ckpt.rglob("model_index.json"))
         vaes = _count(dirs.vae_dir, VAE_EXTS) if dirs.vae_dir.is_dir() else 0
-        loras = _count(dirs.lora_dir, (".safetensors", ".pt", ".ckpt")) if dirs.lora_dir.is_dir() else 0
+        loras = _count(dirs.lora_dir, LORA_EXTS) if dirs.lora_dir.is_dir() else 0
     except OSError as e:
         return Check("models", FAIL, f"cannot read the model folders ({e.strerror}: {e.filename}): fix their permissions")
     counts = f"{checkpoints} checkpoint(s), {vaes} VAE(s), {loras} LoRA(s)"

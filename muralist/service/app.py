@@ -272,8 +272,9 @@ def create_app(service: Service, auth: AuthConfig | None = None, cors_origins: l
 
     @app.get("/api/v1/admin/users")
     def admin_users(user: User = Depends(admin)) -> dict[str, Any]:
+        queued = service.store.queue_counts()  # one query, not one per user
         return {"users": [{"name": u.name, "admin": u.admin, "has_key": u.has_key, "created_at": u.created_at,
-                           "queued": service.store.queue_counts().get(u.name, 0), "limits": u.limits}
+                           "queued": queued.get(u.name, 0), "limits": u.limits}
                           for u in service.store.list_users()]}
 
     @app.put("/api/v1/admin/users/{name}/limits")

@@ -267,13 +267,16 @@ class Service:
         req = req.model_copy(update={"model": info.title})
         return req, info.sha256
 
+    def active_jobs(self, user: User, types: tuple[str, ...]) -> int:
+        """How many of ``user``'s jobs of these types are queued or running (per-kind limits)."""
+        return sum(j.type in types for j in self.store.list_jobs(user.name, [JobStatus.QUEUED, JobStatus.RUNNING]))
+
     def _check_download_allowed(self, user: User) -> None:
         limits = self.settings.limits.merged(user.limits)
         if limits.max_downloads <= 0:
             raise ForbiddenError("download: only admins, or users an admin allows "
                                  f"(muralist users limits {user.name} max_downloads=1)")
-        active = self.store.list_jobs(user.name, [JobStatus.QUEUED, JobStatus.RUNNING])
-        if sum(j.type == "download" for j in active) >= limits.max_downloads:
+        if self.active_jobs(user, ("download",)) >= limits.max_downloads:
             raise LimitError(f"you already have {limits.max_downloads} download job(s) queued or running (max_downloads)")
 
     def submit(self, user: User, job_type: str, params: dict[str, Any], priority: int = 0, job_id: str | None = None) -> Job:

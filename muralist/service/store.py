@@ -1066,6 +1066,19 @@ class Store:
         return n, paths
 
 
+def sqlite_path(url: str | None, data_dir: Path) -> Path | None:
+    """The SQLite file of a database URL (``None``: ``data_dir/muralist.db``), or None when the URL
+    names another database. A malformed SQLite URL raises ``MuralistError`` saying how to write it."""
+    if url is None:
+        return data_dir / "muralist.db"
+    if not url.startswith("sqlite:"):
+        return None
+    rest = url[len("sqlite:") :]
+    if not rest.startswith("///") or len(rest.strip("/")) == 0 or ":memory:" in rest:
+        raise MuralistError(f"bad SQLite URL {url!r}: write sqlite:///absolute/path/muralist.db")
+    return Path("/" + rest.lstrip("/"))
+
+
 def open_store(url: str | None, data_dir: Path, pool_size: int = 8) -> Store:
     """Open (creating and migrating as needed) the store.
 
@@ -1073,16 +1086,11 @@ def open_store(url: str | None, data_dir: Path, pool_size: int = 8) -> Store:
     works too). ``postgresql://user@host:port/db`` (``postgres://`` too; choose a schema with
     ``?options=-csearch_path%3Dname``).
     """
-    if url is None:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        return Store(_SQLite(data_dir / "muralist.db", pool_size))
-    if url.startswith("sqlite:"):
-        rest = url[len("sqlite:") :]
-        if not rest.startswith("///") or len(rest.strip("/")) == 0 or ":memory:" in rest:
-            raise MuralistError(f"bad SQLite URL {url!r}: write sqlite:///absolute/path/muralist.db")
-        path = Path("/" + rest.lstrip("/"))
+    path = sqlite_path(url, data_dir)
+    if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         return Store(_SQLite(path, pool_size))
+    assert url is not None
     if url.startswith(("postgresql://", "postgres://")):
         return Store(_Postgres(url, pool_size))
     raise MuralistError(f"unsupported database URL {_redact(url)!r}: use sqlite:///path or postgresql://...")

@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from ..errors import InvalidRequestError, NotFoundError
 from ..training.dataset import CAPTION_EXTS, IMAGE_EXTS, describe, extract_zip, load_dataset
 from ..training.options import TrainOptions, parse_options
-from .store import JobStatus, LimitError, User
+from .store import LimitError, User
 
 TRAIN_TYPES = ("train_lora", "train_embedding")
 NAME = re.compile(r"[\w][\w .\-]{0,63}")
@@ -92,8 +92,7 @@ def _common_checks(service: Any, user: User, limits: Any, dataset: str, w: int, 
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     if size > limits.max_dataset_bytes:
         raise InvalidRequestError(f"the dataset is {size} bytes, over your limit of max_dataset_bytes={limits.max_dataset_bytes}")
-    active = service.store.list_jobs(user.name, [JobStatus.QUEUED, JobStatus.RUNNING])
-    if sum(j.type in TRAIN_TYPES for j in active) >= limits.max_trainings:
+    if service.active_jobs(user, TRAIN_TYPES) >= limits.max_trainings:
         raise LimitError(f"you already have {limits.max_trainings} training job(s) queued or running (max_trainings)")
     return folder
 
