@@ -74,6 +74,11 @@ for _ in $(seq 1 120); do
 done
 [ "$code" = 200 ] || fail "/healthz stayed $code after the worker started: $(cat "$WORK/health.json"); worker: $($DOCKER logs muralist-gpu-box 2>&1 | tail -3)"
 SUMMARY="ready_after_join=$(($(date +%s) - T0))s"
+# The image's HEALTHCHECK command in each role: the API's asks /healthz, a worker's (no HTTP
+# server) must pass while it runs, or Docker marks every GPU box "unhealthy".
+$DOCKER exec muralist-gpu-box muralist-entrypoint healthcheck || fail "the worker container's health check fails"
+$DOCKER exec "$(api_box ps -q muralist)" muralist-entrypoint healthcheck || fail "the API container's health check fails"
+$DOCKER exec "$(api_box ps -q ray-head)" muralist-entrypoint healthcheck || fail "the Ray head container's health check fails"
 
 KEY=$(api_box logs --no-color muralist | grep -F 'its API key (shown once):' | grep -oE 'mur_[A-Za-z0-9_-]{24,}' | tail -1)
 [ -n "$KEY" ] || fail "no first admin key in the API's log"
