@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -15,6 +14,8 @@ from pathlib import Path
 
 import httpx
 
+from tests.conftest import link_file, link_tree
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -22,14 +23,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def copy_models(a1111_models: Path, root: Path, names: tuple[str, ...] = ("tiny-sd15.safetensors", "tiny-sd15-b.ckpt"),
+def link_models(a1111_models: Path, root: Path, names: tuple[str, ...] = ("tiny-sd15.safetensors", "tiny-sd15-b.ckpt"),
                 controlnet: bool = False) -> Path:
+    """A data folder at root holding the named tiny checkpoints (and the ControlNets), hard-linked."""
     ckpt = root / "models" / "Stable-diffusion"
     ckpt.mkdir(parents=True, exist_ok=True)
     for n in names:
-        shutil.copy(a1111_models / "models" / "Stable-diffusion" / n, ckpt / n)
+        link_file(a1111_models / "models" / "Stable-diffusion" / n, ckpt / n)
     if controlnet:
-        shutil.copytree(a1111_models / "models" / "ControlNet", root / "models" / "ControlNet")
+        link_tree(a1111_models / "models" / "ControlNet", root / "models" / "ControlNet")
     return root
 
 

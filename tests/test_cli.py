@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from muralist.infotext import A1111_PARAM_RE
+from tests.conftest import link_tree
 
 
 def muralist(*args: str, data: Path) -> subprocess.CompletedProcess[str]:
@@ -25,7 +25,7 @@ def muralist(*args: str, data: Path) -> subprocess.CompletedProcess[str]:
 def data(a1111_models: Path, tmp_path: Path) -> Path:
     """A private copy of the A1111 folder, so tests may add broken files to it."""
     root = tmp_path / "data"
-    shutil.copytree(a1111_models / "models", root / "models")
+    link_tree(a1111_models / "models", root / "models")
     return root
 
 

@@ -26,6 +26,7 @@ ray = pytest.importorskip("ray")
 from muralist.paths import DataDirs  # noqa: E402
 from muralist.service.core import Service, Settings  # noqa: E402
 from muralist.service.store import JobStatus, open_store  # noqa: E402
+from tests.conftest import link_file  # noqa: E402
 
 MODELS = ("tiny-sd15.safetensors", "tiny-sd15-b.ckpt", "same-as-sd15.ckpt")
 SHORT_HEALTH = {"health_check_initial_delay_ms": 1000, "health_check_period_ms": 1000,
@@ -42,7 +43,7 @@ def cluster(a1111_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     models = tmp_path_factory.mktemp("worker-machine")
     (models / "models" / "Stable-diffusion").mkdir(parents=True)
     for name in MODELS:
-        shutil.copy(a1111_models / "models" / "Stable-diffusion" / name, models / "models" / "Stable-diffusion" / name)
+        link_file(a1111_models / "models" / "Stable-diffusion" / name, models / "models" / "Stable-diffusion" / name)
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "_system_config": SHORT_HEALTH})
     nodes = [c.add_node(num_cpus=1) for _ in range(3)]
     ray.init(address=c.address, namespace=NAMESPACE, log_to_driver=False)
@@ -214,15 +215,15 @@ def test_job_needing_a_checkpoint_only_some_workers_have(cluster: SimpleNamespac
     extra = tmp_path / "other-machine"
     (extra / "models" / "Stable-diffusion").mkdir(parents=True)
     only_here = extra / "models" / "Stable-diffusion" / "tiny-sd21.safetensors"  # the node workers lack it
-    shutil.copy(cluster.a1111 / "models" / "Stable-diffusion" / only_here.name, only_here)
+    link_file(cluster.a1111 / "models" / "Stable-diffusion" / only_here.name, only_here)
     start_workers(["cpu"], "special", str(extra), node_id=cluster.nodes[0].node_id)
     try:
         root = tmp_path / "api"
         (root / "models" / "Stable-diffusion").mkdir(parents=True)
-        shutil.copy(only_here, root / "models" / "Stable-diffusion")
+        link_file(only_here, root / "models" / "Stable-diffusion")
         dirs_ckpt = root / "models" / "Stable-diffusion"
         for name in MODELS:
-            shutil.copy(cluster.models / "models" / "Stable-diffusion" / name, dirs_ckpt / name)
+            link_file(cluster.models / "models" / "Stable-diffusion" / name, dirs_ckpt / name)
         store = open_store(None, root)
         service = Service(DataDirs.from_options(root), store, Settings(workers=0, cluster=cluster.address, device="cpu"))
         service.start()

@@ -19,7 +19,7 @@ from muralist.errors import InvalidRequestError
 from muralist.infotext import parse_infotext
 from muralist.request import GenerationRequest
 from tests.conftest import pixels
-from tests.server_util import copy_models, running_server
+from tests.server_util import link_models, running_server
 
 
 def b64(img: Image.Image) -> str:
@@ -227,7 +227,7 @@ def test_weighted_preprocessor_says_which_file_is_missing() -> None:
 def server(a1111_models: Path, tmp_path: Path):
     import httpx
 
-    root = copy_models(a1111_models, tmp_path / "data", ("tiny-sd15.safetensors", "tiny-sdxl.safetensors"), controlnet=True)
+    root = link_models(a1111_models, tmp_path / "data", ("tiny-sd15.safetensors", "tiny-sdxl.safetensors"), controlnet=True)
     with running_server(root) as (url, service):
         keys = {n: service.store.add_user(n) for n in ("alice", "bob")}
         yield url, service, {n: httpx.Client(base_url=url, headers={"Authorization": f"Bearer {k}"}, timeout=120)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from muralist.infotext import parse_infotext
 from muralist.request import GenerationRequest
-from tests.conftest import pixels
+from tests.conftest import link_file, pixels
 
 # Targets in both kohya namings (diffusers-style for the UNet, HF CLIP for the text encoder) and
 # the A1111 checkpoint keys of the same weights, for the hand-merged reference.
@@ -39,7 +38,7 @@ def data(a1111_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     ckpt = root / "models" / "Stable-diffusion"
     ckpt.mkdir(parents=True)
     base = a1111_models / "models" / "Stable-diffusion" / "tiny-sd15.safetensors"
-    shutil.copy(base, ckpt / "base.safetensors")
+    link_file(base, ckpt / "base.safetensors")
     lora = make_lora(1)
     (root / "models" / "Lora").mkdir(parents=True)
     save_file(lora, str(root / "models" / "Lora" / "inkstyle.safetensors"))
@@ -149,7 +148,7 @@ def test_sdxl_embedding_uses_both_encoders_and_sd1_embeddings_are_skipped(a1111_
 
     root = tmp_path / "xl"
     (root / "models" / "Stable-diffusion").mkdir(parents=True)
-    shutil.copy(a1111_models / "models" / "Stable-diffusion" / "tiny-sdxl.safetensors", root / "models" / "Stable-diffusion")
+    link_file(a1111_models / "models" / "Stable-diffusion" / "tiny-sdxl.safetensors", root / "models" / "Stable-diffusion")
     (root / "embeddings").mkdir()
     g = torch.Generator().manual_seed(3)
     save({"clip_l": torch.randn(1, 32, generator=g) * 3, "clip_g": torch.randn(1, 64, generator=g) * 3}, str(root / "embeddings" / "xlglow.safetensors"))

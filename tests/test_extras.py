@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from muralist.infotext import parse_infotext, read_infotext
-from tests.server_util import copy_models, running_server, wait_job
+from tests.server_util import link_models, running_server, wait_job
 from tests.test_faces import tiny_codeformer
 from tests.test_upscalers import rrdb_new
 
@@ -28,7 +28,7 @@ def picture(w: int = 40, h: int = 24) -> Image.Image:
 
 
 def test_extras_and_model_upscalers(a1111_models: Path, tmp_path: Path) -> None:
-    root = copy_models(a1111_models, tmp_path / "data")
+    root = link_models(a1111_models, tmp_path / "data")
     (root / "models" / "ESRGAN").mkdir(parents=True)
     torch.save(rrdb_new(), root / "models" / "ESRGAN" / "tiny-esrgan.pth")  # 4x RRDBNet, basicsr layout
     (root / "models" / "Codeformer").mkdir(parents=True)

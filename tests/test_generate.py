@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import shutil
 import threading
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from muralist.engine.txt2img import Interrupted, JobControl
 from muralist.errors import InvalidRequestError, NotFoundError
 from muralist.infotext import A1111_PARAM_RE, parse_infotext, read_infotext
 from muralist.request import GenerationRequest, parse_request
-from tests.conftest import pixels
+from tests.conftest import link_file, pixels
 
 
 def req(**kw) -> GenerationRequest:
@@ -162,8 +161,8 @@ def test_v_prediction_sidecar_changes_sd2_output(a1111_models: Path, tmp_path: P
     root = tmp_path / "data"
     ckpt = root / "models" / "Stable-diffusion"
     ckpt.mkdir(parents=True)
-    shutil.copy(a1111_models / "models" / "Stable-diffusion" / "tiny-sd21.safetensors", ckpt / "v.safetensors")
-    shutil.copy(a1111_models / "models" / "Stable-diffusion" / "tiny-sd21.safetensors", ckpt / "eps.safetensors")
+    link_file(a1111_models / "models" / "Stable-diffusion" / "tiny-sd21.safetensors", ckpt / "v.safetensors")
+    link_file(a1111_models / "models" / "Stable-diffusion" / "tiny-sd21.safetensors", ckpt / "eps.safetensors")
     (ckpt / "v.yaml").write_text("model:\n  params:\n    parameterization: \"v\"\n")
     eng = Engine(DataDirs.from_options(root), cache=ModelCache(max_models=2, device="cpu"))
     assert eng.registry.find_checkpoint("v").prediction_type == "v_prediction"

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.server_util import copy_models, running_server
+from tests.server_util import link_models, running_server
 
 
 def make_tiny_blip(folder: Path) -> None:
@@ -39,7 +39,7 @@ def b64(img: Image.Image) -> str:
 
 
 def test_interrogate_with_a_local_blip_and_clear_errors(a1111_models: Path, tmp_path: Path) -> None:
-    root = copy_models(a1111_models, tmp_path / "data")
+    root = link_models(a1111_models, tmp_path / "data")
     with running_server(root) as (url, _service):
         c = httpx.Client(base_url=url, timeout=120)
         r = c.post("/sdapi/v1/interrogate", json={"image": b64(Image.new("RGB", (40, 30))), "model": "clip"})
@@ -60,7 +60,7 @@ def test_interrogate_with_a_local_blip_and_clear_errors(a1111_models: Path, tmp_
 
 @pytest.mark.parametrize("payload", [{}, {"image": ""}])
 def test_interrogate_needs_an_image(a1111_models: Path, tmp_path: Path, payload: dict) -> None:
-    root = copy_models(a1111_models, tmp_path / "data")
+    root = link_models(a1111_models, tmp_path / "data")
     with running_server(root, workers=0) as (url, _service):
         r = httpx.post(url + "/sdapi/v1/interrogate", json=payload, timeout=60)
         assert r.status_code == 422 and "image" in r.json()["detail"]

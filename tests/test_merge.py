@@ -16,7 +16,7 @@ from muralist.models.merge import MergeOptions, Source, check_params, merge_chec
 from muralist.models.registry import ModelRegistry
 from muralist.models.tiny import save, tiny_checkpoint, tiny_vae
 from muralist.paths import DataDirs
-from tests.server_util import copy_models, running_server
+from tests.server_util import link_models, running_server
 
 SKIPPED = "cond_stage_model.transformer.text_model.embeddings.position_ids"
 CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
@@ -178,7 +178,7 @@ def test_the_sha256_written_is_the_files(inputs, tmp_path: Path) -> None:
 
 
 def test_requests_are_checked_with_clear_errors(a1111_models: Path, tmp_path: Path) -> None:
-    root = copy_models(a1111_models, tmp_path / "data", ("tiny-sd15.safetensors", "tiny-sd15-b.ckpt",
+    root = link_models(a1111_models, tmp_path / "data", ("tiny-sd15.safetensors", "tiny-sd15-b.ckpt",
                                                          "tiny-sd15-inpainting.safetensors", "tiny-sdxl.safetensors"))
     reg = ModelRegistry(DataDirs.from_options(root))
     ok = {"primary": "tiny-sd15", "secondary": "tiny-sd15-b", "multiplier": 0.3}
@@ -216,7 +216,7 @@ def test_requests_are_checked_with_clear_errors(a1111_models: Path, tmp_path: Pa
 def server(a1111_models: Path, tmp_path: Path):
     import httpx
 
-    root = copy_models(a1111_models, tmp_path / "data")
+    root = link_models(a1111_models, tmp_path / "data")
     (root / "models" / "VAE").mkdir(parents=True)
     save(tiny_vae(seed=5), root / "models" / "VAE" / "other-vae.safetensors")
     with running_server(root) as (url, service):

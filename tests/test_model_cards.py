@@ -21,7 +21,7 @@ import pytest
 
 from muralist.errors import ForbiddenError
 from muralist.models.cards import merge_user_metadata, sd_version
-from tests.server_util import copy_models, running_server, wait_job
+from tests.server_util import link_models, running_server, wait_job
 from tests.test_download import TOKEN, Provider, make_handler, serve, settings_for
 from tests.test_web import CHROMIUM, browser, shot, signed_in, site  # noqa: F401 - shared fixtures
 
@@ -97,7 +97,7 @@ def test_model_info_writes_the_three_sidecars_and_keeps_user_notes(civitai: Civi
 
     from muralist.service.store import User
 
-    root = copy_models(a1111_models, tmp_path / "data")
+    root = link_models(a1111_models, tmp_path / "data")
     lora = add_lora(root / "models" / "Lora", "inkstyle")
     # The user already wrote notes (and left activation text empty) in A1111's metadata editor.
     (lora.parent / "inkstyle.json").write_text(json.dumps({"notes": "my own notes", "activation text": ""}))
@@ -157,7 +157,7 @@ def test_model_info_writes_the_three_sidecars_and_keeps_user_notes(civitai: Civi
 
 def test_fetch_all_records_not_found_and_skips_existing(civitai: CivitaiProvider, tmp_path: Path,
                                                         a1111_models: Path) -> None:
-    root = copy_models(a1111_models, tmp_path / "data")
+    root = link_models(a1111_models, tmp_path / "data")
     ckpt = root / "models" / "Stable-diffusion"
     known, unknown = ckpt / "tiny-sd15.safetensors", ckpt / "tiny-sd15-b.ckpt"
     civitai.by_hash[sha(known).upper()] = version_info(civitai, 7, "Tiny", "Checkpoint", ["tiny"], "SDXL 1.0",
@@ -306,7 +306,7 @@ def test_cli_fetches_a_card_without_a_server(civitai: CivitaiProvider, tmp_path:
                                             monkeypatch, capsys) -> None:
     from muralist.cli import main
 
-    root = copy_models(a1111_models, tmp_path / "data")
+    root = link_models(a1111_models, tmp_path / "data")
     lora = add_lora(root / "models" / "Lora", "cliink")
     civitai.by_hash[sha(lora).upper()] = version_info(civitai, 77, "CLI Ink", "LORA", ["cli ink"])
     civitai.images[IMAGE_PATH] = jpeg()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.server_util import copy_models, running_server
+from tests.server_util import link_models, running_server
 
 pytest.importorskip("schemathesis")
 
@@ -19,7 +19,7 @@ CHECKS = ("not_a_server_error,status_code_conformance,content_type_conformance,r
 
 
 def test_schemathesis_finds_no_server_error_and_no_schema_violation(a1111_models: Path, tmp_path: Path) -> None:
-    root = copy_models(a1111_models, tmp_path / "data")
+    root = link_models(a1111_models, tmp_path / "data")
     with running_server(root) as (url, service):
         key = service.store.add_user("fuzz")
         # Small limits keep every generation it manages to make quick on a CPU.

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from muralist.cli import _parse, main
 from muralist.service.bootstrap import bootstrap_admin
 from muralist.service.store import open_store
-from tests.server_util import copy_models, free_port, running_server, wait_job
+from tests.server_util import free_port, link_models, running_server, wait_job
 
 JOB = {"prompt": "a red fox", "width": 64, "height": 64, "steps": 4}
 
@@ -143,7 +143,7 @@ def test_a_network_server_without_users_creates_an_admin_and_shows_its_key_once(
 def test_a_model_folder_that_cannot_be_created_is_a_warning_not_a_crash(a1111_models: Path, tmp_path: Path) -> None:
     # As with an A1111 models/ folder mounted read-only in a container without a Lora/ folder:
     # the server starts, says which folder is missing, and serves the checkpoints it has.
-    root = copy_models(a1111_models, tmp_path / "data")
+    root = link_models(a1111_models, tmp_path / "data")
     (root / "models" / "Lora").write_text("not a folder")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -168,7 +168,7 @@ def test_a_model_folder_that_cannot_be_created_is_a_warning_not_a_crash(a1111_mo
 
 
 def test_healthz_is_ready_with_a_live_worker_and_says_why_not_otherwise(a1111_models: Path, tmp_path: Path) -> None:
-    root = copy_models(a1111_models, tmp_path / "data")
+    root = link_models(a1111_models, tmp_path / "data")
     with running_server(root, workers=0) as (url, _service):
         assert httpx.get(url + "/livez").json() == {"status": "alive"}
         r = httpx.get(url + "/healthz")
@@ -194,7 +194,7 @@ def test_healthz_names_a_database_that_went_away(a1111_models: Path, tmp_path: P
     with psycopg.connect(base, autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name}")
     url = base.rsplit("/", 1)[0] + "/" + name
-    root = copy_models(a1111_models, tmp_path / "data")
+    root = link_models(a1111_models, tmp_path / "data")
     try:
         with running_server(root, database=url, workers=0) as (server, _service):
             assert httpx.get(server + "/healthz").json()["database"] == "ok"
@@ -215,7 +215,7 @@ def _metrics(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 def test_metrics_follow_a_job_from_queue_to_finish_and_need_an_admin_key(a1111_models: Path, tmp_path: Path) -> None:
-    root = copy_models(a1111_models, tmp_path / "data")
+    root = link_models(a1111_models, tmp_path / "data")
     store = open_store(None, root)
     admin_key, bob_key = store.add_user("root", admin=True), store.add_user("bob")
     store.close()
@@ -249,7 +249,7 @@ def test_metrics_follow_a_job_from_queue_to_finish_and_need_an_admin_key(a1111_m
 
 
 def test_json_logs_are_one_object_per_line_with_job_fields_and_no_keys(a1111_models: Path, tmp_path: Path) -> None:
-    root = copy_models(a1111_models, tmp_path / "data")
+    root = link_models(a1111_models, tmp_path / "data")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     key = "secret-admin-key-0123456789abcdef"
@@ -301,7 +301,7 @@ def _doctor(capsys, *args: str) -> tuple[int, dict[str, dict[str, str]]]:
 
 
 def test_doctor_passes_a_good_setup(a1111_models: Path, tmp_path: Path, capsys) -> None:
-    root = copy_models(a1111_models, tmp_path / "data")
+    root = link_models(a1111_models, tmp_path / "data")
     code, checks = _doctor(capsys, "--data-dir", str(root), "--port", str(free_port()))
     assert code == 0, checks
     assert checks["models"]["status"] == "OK" and "2 checkpoint(s)" in checks["models"]["message"]

@@ -12,14 +12,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.server_util import copy_models, running_server
+from tests.server_util import link_models, running_server
 
 SMALL = {"prompt": "a red fox", "width": 64, "height": 64, "steps": 1}
 
 
 @pytest.fixture()
 def server(a1111_models: Path, tmp_path: Path):
-    root = copy_models(a1111_models, tmp_path / "data", ("tiny-sd15.safetensors", "tiny-sd15-inpainting.safetensors"))
+    root = link_models(a1111_models, tmp_path / "data", ("tiny-sd15.safetensors", "tiny-sd15-inpainting.safetensors"))
     with running_server(root, api_auth={"emile": "mot de passe é"}) as (url, service):
         key = service.store.add_user("alice")
         yield url, service, httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120)
@@ -172,7 +172,7 @@ def test_inpainting_flag_and_sd_upscale_upscaler_by_index(server) -> None:
 
 
 def test_a_listening_server_never_becomes_anonymous(a1111_models: Path, tmp_path: Path) -> None:
-    root = copy_models(a1111_models, tmp_path / "data")
+    root = link_models(a1111_models, tmp_path / "data")
     with running_server(root, allow_single_user=False) as (url, service):
         key = service.store.add_user("alice", admin=True)
         assert httpx.get(url + "/api/v1/me", headers={"Authorization": f"Bearer {key}"}).status_code == 200
@@ -206,7 +206,7 @@ def test_newcomer_mistakes_get_helpful_answers(server, tmp_path: Path) -> None:
 def test_limits_hold_for_the_whole_plan_of_a_job(a1111_models: Path, tmp_path: Path) -> None:
     from PIL import Image
 
-    root = copy_models(a1111_models, tmp_path / "data")
+    root = link_models(a1111_models, tmp_path / "data")
     with running_server(root, workers=0) as (url, service):
         c = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {service.store.add_user('alice')}"}, timeout=60)
         service.store.set_user_limits("alice", {"max_pixels": 16384, "max_steps": 6, "max_images": 2})
@@ -238,7 +238,7 @@ def test_input_images_live_in_files_not_in_the_database(a1111_models: Path, tmp_
     import numpy as np
     from PIL import Image
 
-    root = copy_models(a1111_models, tmp_path / "data")
+    root = link_models(a1111_models, tmp_path / "data")
     noise = np.random.default_rng(1).integers(0, 255, (1024, 1024, 3), dtype=np.uint8)
     init = png_b64(Image.fromarray(noise))  # ~4 MB of base64 that does not compress
     with running_server(root, workers=1) as (url, service):
@@ -259,7 +259,7 @@ def test_input_images_live_in_files_not_in_the_database(a1111_models: Path, tmp_
 def test_concurrent_jobs_of_one_user_never_overwrite_files(a1111_models: Path, tmp_path: Path) -> None:
     from tests.server_util import wait_job
 
-    root = copy_models(a1111_models, tmp_path / "data")
+    root = link_models(a1111_models, tmp_path / "data")
     with running_server(root, workers=2) as (url, service):
         c = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {service.store.add_user('alice')}"}, timeout=120)
         # Same seed: A1111 would name every file 0000N-7.png; two workers write at the same moment.

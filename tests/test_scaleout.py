@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from muralist.service.store import JobStatus, open_store
-from tests.server_util import copy_models, free_port, serve_subprocess, wait_http, wait_job
+from tests.server_util import free_port, link_models, serve_subprocess, wait_http, wait_job
 
 PG = os.environ.get("MURALIST_TEST_POSTGRES")
 SMALL = {"prompt": "a lighthouse", "width": 64, "height": 64, "steps": 2}
@@ -26,7 +26,7 @@ SMALL = {"prompt": "a lighthouse", "width": 64, "height": 64, "steps": 2}
 
 @pytest.fixture()
 def root(a1111_models: Path, tmp_path: Path) -> Path:
-    return copy_models(a1111_models, tmp_path / "data")
+    return link_models(a1111_models, tmp_path / "data")
 
 
 @pytest.fixture()

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from muralist.infotext import parse_infotext, read_infotext
-from tests.server_util import copy_models, running_server
+from tests.server_util import link_models, running_server
 
 A1111_BODY = {
     "prompt": "a lighthouse, stormy sea",
@@ -31,7 +31,7 @@ A1111_BODY = {
 
 @pytest.fixture()
 def server(a1111_models: Path, tmp_path: Path):
-    root = copy_models(a1111_models, tmp_path / "data")
+    root = link_models(a1111_models, tmp_path / "data")
     with running_server(root) as (url, service):
         keys = {n: service.store.add_user(n) for n in ("alice", "bob")}
         yield url, service, {n: httpx.Client(base_url=url, headers={"Authorization": f"Bearer {k}"}, timeout=120) for n, k in keys.items()}

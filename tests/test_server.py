@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from muralist.infotext import parse_infotext, read_infotext
-from tests.server_util import copy_models, free_port, running_server, serve_subprocess, wait_http, wait_job
+from tests.server_util import free_port, link_models, running_server, serve_subprocess, wait_http, wait_job
 
 PG = os.environ.get("MURALIST_TEST_POSTGRES")
 SMALL = {"width": 64, "height": 64, "steps": 2, "seed": 1}
@@ -41,7 +41,7 @@ def database(request: pytest.FixtureRequest) -> Iterator[str | None]:
 
 @pytest.fixture()
 def root(a1111_models: Path, tmp_path: Path) -> Path:
-    return copy_models(a1111_models, tmp_path / "data")
+    return link_models(a1111_models, tmp_path / "data")
 
 
 def users(service, *names: str) -> dict[str, str]:

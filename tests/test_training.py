@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 from muralist.errors import InvalidRequestError
 from muralist.training.dataset import assign_buckets, bucket_resolutions, extract_zip, load_dataset
 from muralist.training.options import parse_options, read_toml
-from tests.server_util import copy_models, running_server
+from tests.server_util import link_models, running_server
 
 FAST = {"resolution": "64,64", "train_batch_size": 4, "network_dim": 8, "network_alpha": 4, "learning_rate": 1e-3,
         "unet_lr": 1e-3, "text_encoder_lr": 1e-4, "min_bucket_reso": 64, "max_bucket_reso": 128, "bucket_reso_steps": 8,
@@ -288,7 +288,7 @@ def test_stopped_training_resumes_from_its_last_epoch(engine, tmp_path: Path) ->
 def server(a1111_models: Path, tmp_path: Path):
     import httpx
 
-    root = copy_models(a1111_models, tmp_path / "data")
+    root = link_models(a1111_models, tmp_path / "data")
     with running_server(root) as (url, service):
         keys = {n: service.store.add_user(n) for n in ("alice", "bob")}
         yield url, service, {n: httpx.Client(base_url=url, headers={"Authorization": f"Bearer {k}"}, timeout=120)
@@ -369,7 +369,7 @@ def test_cli_trains_from_a_lora_scripts_toml(a1111_models: Path, tmp_path: Path,
     from muralist.cli import main
 
     torch.set_num_threads(1)
-    root = copy_models(a1111_models, tmp_path / "data", ("tiny-sd15.safetensors",))
+    root = link_models(a1111_models, tmp_path / "data", ("tiny-sd15.safetensors",))
     make_dataset(tmp_path / "train" / "shapes", n=2)
     toml = tmp_path / "train" / "autosave.toml"
     toml.write_text('''model_train_type = "sd-lora"
@@ -398,7 +398,7 @@ def test_a_killed_server_resumes_the_training_after_restart(a1111_models: Path, 
 
     from tests.server_util import free_port, serve_subprocess, wait_http, wait_job
 
-    root = copy_models(a1111_models, tmp_path / "data", ("tiny-sd15.safetensors",))
+    root = link_models(a1111_models, tmp_path / "data", ("tiny-sd15.safetensors",))
     port = free_port()
     proc = serve_subprocess(root, port, None, "--lease-timeout", "2")
     c = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)

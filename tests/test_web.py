@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.server_util import copy_models, running_server
+from tests.server_util import link_models, running_server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is n
 
 @pytest.fixture(scope="module")
 def site(a1111_models: Path, tmp_path_factory: pytest.TempPathFactory):
-    root = copy_models(a1111_models, tmp_path_factory.mktemp("web") / "data", controlnet=True)
+    root = link_models(a1111_models, tmp_path_factory.mktemp("web") / "data", controlnet=True)
     with running_server(root) as (url, service):
         keys = {n: service.store.add_user(n) for n in ("alice", "bob")}
         yield url, service, keys
