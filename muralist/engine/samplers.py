@@ -229,7 +229,7 @@ class SamplerChoice:
             info["Discard penultimate sigma"] = True
         return info
 
-    def make(self, prediction_type: str = "epsilon", seeds: list[int] | None = None) -> Any:
+    def make(self, prediction_type: str = "epsilon") -> Any:
         import diffusers
 
         if self.sampler.cls is None:

@@ -386,7 +386,7 @@ def _sample_diffusers(model: LoadedModel, choice: samplers.SamplerChoice, rng: I
                       strength: float, latent_mask: torch.Tensor | None, fix_steps: bool) -> torch.Tensor:
     """A1111's timestep samplers (DDIM, PLMS, UniPC, LCM) on diffusers' schedulers."""
     dev = model.device
-    scheduler = choice.make(model.prediction_type, rng.seeds)
+    scheduler = choice.make(model.prediction_type)
     step_kwargs = _step_kwargs(scheduler, rng.generators, options.eta)
     # img2img: run the last int(steps * strength) steps of the schedule from the noised image, or
     # with fix_steps exactly `steps` steps of a longer schedule (A1111).

@@ -26,6 +26,7 @@ def bootstrap_admin(store: Store, needs_auth: bool, environ: Mapping[str, str] |
     name = env.get("MURALIST_ADMIN_NAME", "").strip() or "admin"
     if key:
         key = key.strip()
+        # Checked here too: add_user's InvalidRequestError below means 'another replica won'.
         if len(key) < MIN_KEY_CHARS:
             raise MuralistError(f"MURALIST_ADMIN_KEY is {len(key)} characters long: use at least {MIN_KEY_CHARS} "
                                 "(e.g. the output of: openssl rand -hex 24)")

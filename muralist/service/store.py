@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidRequestError, MuralistError, NotFoundError
+from ..logs import redact
 
 
 class JobStatus(StrEnum):
@@ -340,14 +341,14 @@ class _Postgres:
             self._pool.open(wait=True, timeout=self.WAIT_TIMEOUT)
         except psycopg.Error as e:
             self._pool.close()
-            raise MuralistError(f"cannot connect to PostgreSQL at {_redact(url)}: {str(e).strip()}") from None
+            raise MuralistError(f"cannot connect to PostgreSQL at {redact(url)}: {str(e).strip()}") from None
 
     def _derive_lock_keys(self, conn: Any) -> dict[str, int]:
         # Advisory locks are database-wide; derive their keys from the schema so that stores in
         # different schemas (tests, several deployments in one database) never wait on each other.
         schema = conn.execute("SELECT current_schema()").fetchone()[0]
         if schema is None:
-            raise MuralistError(f"PostgreSQL at {_redact(self.url)}: the search_path names no existing schema")
+            raise MuralistError(f"PostgreSQL at {redact(self.url)}: the search_path names no existing schema")
         return {name: int.from_bytes(hashlib.sha256(f"muralist:{schema}:{name}".encode()).digest()[:8], "big", signed=True)
                 for name in ("migrate", "queue")}
 
@@ -361,7 +362,7 @@ class _Postgres:
             raise RuntimeError("the store is closed") from None
         except PoolTimeout:
             raise MuralistError(
-                f"no connection to PostgreSQL at {_redact(self.url)} within {self.WAIT_TIMEOUT:g} s: "
+                f"no connection to PostgreSQL at {redact(self.url)} within {self.WAIT_TIMEOUT:g} s: "
                 "is the server running?"
             ) from None
         try:
@@ -390,10 +391,6 @@ class _Postgres:
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (self._lock_keys[lock],))
         else:
             conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")  # one snapshot for all reads
-
-
-def _redact(url: str) -> str:
-    return re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", url)
 
 
 def _close_quietly(conn: Any) -> None:
@@ -1093,4 +1090,4 @@ def open_store(url: str | None, data_dir: Path, pool_size: int = 8) -> Store:
     assert url is not None
     if url.startswith(("postgresql://", "postgres://")):
         return Store(_Postgres(url, pool_size))
-    raise MuralistError(f"unsupported database URL {_redact(url)!r}: use sqlite:///path or postgresql://...")
+    raise MuralistError(f"unsupported database URL {redact(url)!r}: use sqlite:///path or postgresql://...")
