@@ -71,18 +71,21 @@ def running_server(root: Path, database: str | None = None, api_auth: dict[str, 
         store.close()
 
 
-def serve_subprocess(root: Path, port: int, database: str | None = None, *extra: str) -> subprocess.Popen:
+def serve_subprocess(root: Path, port: int, database: str | None = None, *extra: str,
+                     env: dict[str, str] | None = None) -> subprocess.Popen:
+    """A ``muralist serve`` process (its stderr piped); ``env`` adds variables to this one's."""
     args = [sys.executable, "-m", "muralist.cli", "serve", "--data-dir", str(root), "--port", str(port), *extra]
     if database:
         args += ["--database", database]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
 
-def wait_http(url: str, timeout: float = 60) -> float:
-    """Seconds until ``url``/api/v1/health answers."""
+def wait_http(url: str, timeout: float = 60, proc: subprocess.Popen | None = None) -> float:
+    """Seconds until ``url``/api/v1/health answers; fails at once if ``proc`` (the server) exits."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
+        assert proc is None or proc.poll() is None, "the server exited"
         try:
             if httpx.get(url + "/api/v1/health", timeout=1).status_code == 200:
                 return time.monotonic() - t0

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from muralist.cli import _parse, main
 from muralist.service.bootstrap import bootstrap_admin
 from muralist.service.store import open_store
-from tests.server_util import free_port, link_models, running_server, wait_job
+from tests.server_util import free_port, link_models, running_server, serve_subprocess, wait_http, wait_job
 
 JOB = {"prompt": "a red fox", "width": 64, "height": 64, "steps": 4}
 
@@ -88,25 +88,10 @@ def test_a_short_admin_key_is_refused_before_serving(tmp_path: Path) -> None:
 
 def _serve(root: Path, port: int, *extra: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, list[str]]:
     """A `muralist serve` subprocess whose stderr lines are collected as they come."""
-    args = [sys.executable, "-m", "muralist.cli", "serve", "--data-dir", str(root), "--port", str(port), *extra]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    proc = serve_subprocess(root, port, None, *extra, env=env)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True).start()
     return proc, lines
-
-
-def _wait(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "the server exited"
-        try:
-            if httpx.get(url + "/livez", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(url)
 
 
 def _stop(proc: subprocess.Popen) -> int:
@@ -119,7 +104,7 @@ def test_a_network_server_without_users_creates_an_admin_and_shows_its_key_once(
     url = f"http://127.0.0.1:{port}"
     proc, lines = _serve(tmp_path, port, "--listen", "--workers", "0")
     try:
-        _wait(url, proc)
+        wait_http(url, 120, proc)
     finally:
         _stop(proc)
     text = "".join(lines)
@@ -132,7 +117,7 @@ def test_a_network_server_without_users_creates_an_admin_and_shows_its_key_once(
     # The next start: the admin exists, so no key and no new user.
     proc, lines = _serve(tmp_path, port, "--listen", "--workers", "0")
     try:
-        _wait(url, proc)
+        wait_http(url, 120, proc)
         assert httpx.get(url + "/api/v1/me", headers={"Authorization": f"Bearer {key}"}).json()["admin"] is True
         assert httpx.get(url + "/api/v1/me").status_code == 401
     finally:
@@ -149,7 +134,7 @@ def test_a_model_folder_that_cannot_be_created_is_a_warning_not_a_crash(a1111_mo
     url = f"http://127.0.0.1:{port}"
     proc, lines = _serve(root, port, "--workers", "0")
     try:
-        _wait(url, proc)
+        wait_http(url, 120, proc)
         names = [m["model_name"] for m in httpx.get(url + "/sdapi/v1/sd-models").json()]
         assert "tiny-sd15" in names
     finally:
@@ -255,7 +240,7 @@ def test_json_logs_are_one_object_per_line_with_job_fields_and_no_keys(a1111_mod
     key = "secret-admin-key-0123456789abcdef"
     proc, lines = _serve(root, port, "--listen", env={"MURALIST_LOG_FORMAT": "json", "MURALIST_ADMIN_KEY": key})
     try:
-        _wait(url, proc)
+        wait_http(url, 120, proc)
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}) as c:
             job = c.post("/api/v1/jobs?token=mur_leakedleakedleaked", json={"type": "txt2img", "params": JOB}).json()
             assert wait_job(c, job["id"])["status"] == "succeeded"
@@ -281,7 +266,7 @@ def test_sigterm_stops_the_server_when_it_is_pid_1(tmp_path: Path) -> None:
                              f"sys.exit(main(['serve', '--data-dir', {str(tmp_path)!r}, '--port', '{port}', '--workers', '0']))"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        _wait(f"http://127.0.0.1:{port}", proc)
+        wait_http(f"http://127.0.0.1:{port}", 120, proc)
         children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
         os.kill(int(children[0]), signal.SIGTERM)  # to muralist itself, PID 1 in its namespace
         proc.wait(30)
